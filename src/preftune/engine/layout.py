@@ -1,0 +1,186 @@
+"""Batch layouts of the log-probability engine: padded, shared-prompt and padding-free.
+
+A batch of B preference pairs becomes rows of tokens plus an index of *targets*: every
+completion token the model is scored on, the flat position of the hidden state that predicts
+it, and the sequence it belongs to (``0..B-1`` chosen, ``B..2B-1`` rejected). Whatever the
+layout, the engine gathers only those hidden states, so the per-sequence log-probs are the same
+numbers and the losses never see the layout.
+
+Layouts (``share_prompt`` × ``padding_free``):
+
+* plain (False, False): rows ``[P C]`` for every pair, then ``[P R]``; right padding; a plain
+  causal 2-D mask — what TRL does.
+* shared prompt (True, ·): one unit ``[P C R]`` per pair. Under the unit's mask the rejected
+  tokens see the prompt and themselves but not the chosen tokens, and their position ids restart
+  right after the prompt, so each rejected token computes exactly what it would in ``[P R]``.
+  The prompt runs once per pair. ``R[0]`` is predicted by the last prompt token, like ``C[0]``.
+* padding-free (·, True): units are packed first-fit-decreasing into rows of at most
+  ``max_tokens_per_batch`` tokens (default: the longest unit of the batch) with block-diagonal
+  masks and restarted position ids, so almost no compute goes to padding.
+
+The compact per-token description (``segment_ids``, ``branch_ids``) is turned into a 4-D mask
+by :func:`build_attention_mask` on the device, right before the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from preftune.types import TokenizedPair
+
+SHARED, CHOSEN, REJECTED = 0, 1, 2
+
+
+@dataclass
+class _Unit:
+    tokens: list[int]
+    positions: list[int]
+    branches: list[int]
+    # (offset of predicting position inside the unit, token id, sequence index)
+    targets: list[tuple[int, int, int]]
+
+
+def _units_for_pair(b: int, num_pairs: int, pair: TokenizedPair, share_prompt: bool) -> list[_Unit]:
+    p, c, r = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    if not p:
+        raise ValueError(f"pair {b}: empty prompt; the first completion token would have no predicting position")
+    if not c or not r:
+        raise ValueError(f"pair {b}: empty chosen or rejected completion (the data pipeline should have dropped it)")
+    lp, lc, lr = len(p), len(c), len(r)
+    if share_prompt:
+        tokens = p + c + r
+        positions = list(range(lp + lc)) + list(range(lp, lp + lr))
+        branches = [SHARED] * lp + [CHOSEN] * lc + [REJECTED] * lr
+        targets = [(lp - 1 + i, tok, b) for i, tok in enumerate(c)]
+        targets += [((lp - 1) if j == 0 else (lp + lc + j - 1), tok, num_pairs + b) for j, tok in enumerate(r)]
+        return [_Unit(tokens, positions, branches, targets)]
+    units = []
+    for seq, comp in ((b, c), (num_pairs + b, r)):
+        n = lp + len(comp)
+        units.append(_Unit(p + comp, list(range(n)), [SHARED] * n,
+                           [(lp - 1 + i, tok, seq) for i, tok in enumerate(comp)]))
+    return units
+
+
+def _pack(units: list[_Unit], budget: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of unit indices into rows of at most ``budget`` tokens."""
+    order = sorted(range(len(units)), key=lambda i: -len(units[i].tokens))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(units[i].tokens)
+        for k, free in enumerate(room):
+            if n <= free:
+                rows[k].append(i)
+                room[k] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max(budget, n) - n)
+    return rows
+
+
+def collate_pairs(
+    pairs: list[TokenizedPair],
+    *,
+    share_prompt: bool = True,
+    padding_free: bool = True,
+    max_tokens_per_batch: int | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Lay out a batch of B pairs as rows and a target index.
+
+    Returns a dict of tensors (CPU):
+
+    * ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids``: ``(rows, T)`` int64;
+      ``segment_ids`` is the unit number inside its row, ``-1`` on padding; ``branch_ids`` is
+      0 (prompt / whole sequence), 1 (chosen) or 2 (rejected) in a shared-prompt unit.
+    * ``target_index``: ``(M,)`` flat index into ``rows*T`` of the hidden state that predicts
+      each scored token; ``target_ids``: ``(M,)`` the token; ``target_seq``: ``(M,)`` the
+      sequence (chosen ``b`` → ``b``, rejected ``b`` → ``B+b``).
+    * ``num_pairs``: ``()``; ``num_logical_tokens``: ``()`` tokens of ``[P C]`` + ``[P R]``.
+    * ``ref_chosen_logps`` / ``ref_rejected_logps``: ``(B,)`` float64, when every pair carries
+      precomputed reference log-probs.
+    * ``packed``: ``()`` 1 when a 4-D mask is needed (shared prompt or several units per row).
+
+    Raises ``ValueError`` for an empty batch, prompt or completion.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs: empty batch")
+    num_pairs = len(pairs)
+    units: list[_Unit] = []
+    for b, pair in enumerate(pairs):
+        units.extend(_units_for_pair(b, num_pairs, pair, share_prompt))
+    if not share_prompt and not padding_free:
+        # keep TRL's order: all chosen rows first, then all rejected rows
+        units = units[0::2] + units[1::2]
+    if padding_free:
+        budget = max_tokens_per_batch or max(len(u.tokens) for u in units)
+        rows = _pack(units, budget)
+    else:
+        rows = [[i] for i in range(len(units))]
+    width = max(sum(len(units[i].tokens) for i in row) for row in rows)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment_ids = torch.full((n_rows, width), -1, dtype=torch.long)
+    branch_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    t_index, t_ids, t_seq = [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for s, i in enumerate(row):
+            u = units[i]
+            n = len(u.tokens)
+            input_ids[r, offset:offset + n] = torch.tensor(u.tokens)
+            position_ids[r, offset:offset + n] = torch.tensor(u.positions)
+            segment_ids[r, offset:offset + n] = s
+            branch_ids[r, offset:offset + n] = torch.tensor(u.branches)
+            for pos, tok, seq in u.targets:
+                t_index.append(r * width + offset + pos)
+                t_ids.append(tok)
+                t_seq.append(seq)
+            offset += n
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "branch_ids": branch_ids,
+        "target_index": torch.tensor(t_index, dtype=torch.long),
+        "target_ids": torch.tensor(t_ids, dtype=torch.long),
+        "target_seq": torch.tensor(t_seq, dtype=torch.long),
+        "num_pairs": torch.tensor(num_pairs),
+        "num_logical_tokens": torch.tensor(sum(p.num_tokens_logical for p in pairs)),
+        "packed": torch.tensor(int(share_prompt or any(len(row) > 1 for row in rows))),
+    }
+    if all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs):
+        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float64)
+        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
+    return batch
+
+
+def build_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, *, packed: bool,
+                         additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Attention mask for a laid-out batch.
+
+    Unpacked (one plain sequence per row): the 2-D padding mask ``(rows, T)`` int64, so the model
+    keeps its fast causal kernels. Packed: a 4-D mask ``(rows, 1, T, T)`` where query ``i`` sees
+    key ``j`` iff ``j <= i``, both lie in the same unit, and the key is a prompt token or on the
+    query's own branch (chosen never sees rejected and vice versa). Padding queries see only
+    themselves (a fully masked row would give NaN in SDPA). Boolean (True = attend) unless
+    ``additive_dtype`` is given (eager attention): then 0 / dtype-min floats.
+    """
+    if not packed:
+        return (segment_ids >= 0).long()
+    n, t = segment_ids.shape
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    br_q, br_k = branch_ids[:, :, None], branch_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    mask = causal & (seg_q == seg_k) & (seg_k >= 0) & ((br_k == SHARED) | (br_k == br_q))
+    mask |= torch.eye(t, dtype=torch.bool, device=segment_ids.device) & (seg_q < 0)
+    mask = mask[:, None]
+    if additive_dtype is not None:
+        zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(additive_dtype).min)
+    return mask

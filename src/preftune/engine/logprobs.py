@@ -1,0 +1,99 @@
+"""Per-sequence log-probabilities without full-vocabulary logits.
+
+The decoder runs once over a laid-out batch (:mod:`preftune.engine.layout`); only the hidden
+states that predict a scored completion token are gathered (``(M, H)``, prompt positions never
+reach the LM head), and the LM head + log-softmax run over them in chunks of
+``chunk_size`` rows. In training each chunk is wrapped in activation checkpointing, so the
+forward keeps no logits and the backward recomputes one ``(chunk, V)`` block at a time: peak
+memory holds one block instead of ``(B, T, V)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from preftune.engine.layout import build_attention_mask
+from preftune.types import PolicyLogps
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return ``(decoder, lm_head)`` of a causal LM, possibly wrapped by peft.
+
+    ``decoder(input_ids=…, attention_mask=…, position_ids=…)`` gives ``last_hidden_state``
+    ``(rows, T, H)``; ``lm_head`` maps ``(…, H)`` to logits ``(…, V)`` (LoRA-wrapped or tied to the
+    input embeddings as the model has it). Raises ``TypeError`` for a model without them.
+    """
+    inner = model
+    # peft: PeftModel -> LoraModel -> the transformers model (layers patched in place)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        raise TypeError(f"{type(inner).__name__} has no decoder / output embeddings; preftune needs a causal LM")
+    return decoder, head
+
+
+def _chunk_token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probabilities ``log softmax(head(hidden))[target]`` of ``M`` tokens, ``(M,)`` float32.
+
+    ``hidden``: ``(M, H)``; ``targets``: ``(M,)`` int64. Computed ``chunk_size`` rows at a time;
+    with grad enabled each chunk is checkpointed (logits recomputed in the backward).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if use_ckpt:
+            out.append(checkpoint(_chunk_token_logps, head, h, t, use_reentrant=False))
+        else:
+            out.append(_chunk_token_logps(head, h, t))
+    return torch.cat(out)
+
+
+def _uses_additive_mask(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", "sdpa") == "eager"
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> PolicyLogps:
+    """Run the decoder over a laid-out batch and sum log-probs per sequence.
+
+    ``batch`` comes from :func:`preftune.engine.layout.collate_pairs` (on the model's device).
+    Returns :class:`PolicyLogps` with ``(B,)`` float32 sums (nats) and token counts, plus the
+    batch's precomputed reference log-probs when present.
+    """
+    decoder, head = decoder_and_head(model)
+    packed = bool(batch["packed"])
+    param = next(model.parameters())
+    mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=packed,
+                                additive_dtype=param.dtype if (packed and _uses_additive_mask(model)) else None)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False}
+    if packed:
+        kwargs["position_ids"] = batch["position_ids"]
+    hidden = decoder(**kwargs).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+    logps = token_logps(head, flat, batch["target_ids"], chunk_size)
+    num_pairs = int(batch["num_pairs"])
+    sums = torch.zeros(2 * num_pairs, dtype=logps.dtype, device=logps.device).index_add(0, batch["target_seq"], logps)
+    counts = torch.bincount(batch["target_seq"], minlength=2 * num_pairs).to(logps.dtype)
+    ref_c = batch.get("ref_chosen_logps")
+    ref_r = batch.get("ref_rejected_logps")
+    return PolicyLogps(
+        chosen_logps=sums[:num_pairs],
+        rejected_logps=sums[num_pairs:],
+        chosen_lengths=counts[:num_pairs],
+        rejected_lengths=counts[num_pairs:],
+        ref_chosen_logps=None if ref_c is None else ref_c.to(logps.dtype),
+        ref_rejected_logps=None if ref_r is None else ref_r.to(logps.dtype),
+    )

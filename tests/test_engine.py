@@ -1,0 +1,100 @@
+"""The engine's layouts give the same per-sequence log-probs and gradients as a naive full-logits path."""
+
+import random
+
+import pytest
+import torch
+
+from preftune.engine.layout import build_attention_mask, collate_pairs
+from preftune.engine.logprobs import sequence_logps, token_logps
+from preftune.types import TokenizedPair
+
+LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def random_pairs(n, vocab, seed=0, max_len=9):
+    rng = random.Random(seed)
+
+    def seq(lo):
+        return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, max_len))]
+
+    return [TokenizedPair(seq(1), seq(1), seq(1)) for _ in range(n)]
+
+
+def naive_logps(model, pairs):
+    """Each sequence alone, unpadded, full logits, log_softmax, summed over its completion."""
+    out_c, out_r = [], []
+    for p in pairs:
+        for comp, out in ((p.chosen_ids, out_c), (p.rejected_ids, out_r)):
+            ids = torch.tensor([p.prompt_ids + comp])
+            logits = model(input_ids=ids).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            out.append(logp[len(p.prompt_ids) - 1:].sum())
+    return torch.stack(out_c), torch.stack(out_r)
+
+
+@pytest.mark.parametrize("share_prompt,padding_free", LAYOUTS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_layouts_match_naive_logps_and_grads(make_tiny_llama, share_prompt, padding_free, attn, tie):
+    model = make_tiny_llama(tie=tie, attn=attn)
+    pairs = random_pairs(5, 96, seed=1)
+    ref_c, ref_r = naive_logps(model, pairs)
+    (ref_c.sum() - 0.5 * ref_r.sum()).backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free, max_tokens_per_batch=24)
+    out = sequence_logps(model, batch, chunk_size=7)
+    torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.rejected_logps, ref_r, atol=1e-4, rtol=0)
+    assert out.chosen_lengths.tolist() == [len(p.chosen_ids) for p in pairs]
+    assert out.rejected_lengths.tolist() == [len(p.rejected_ids) for p in pairs]
+    (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+    for g_ref, p in zip(ref_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_computes_prompt_once_and_packs():
+    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10]), TokenizedPair([5], [8], [9, 9, 9])]
+    plain = collate_pairs(pairs, share_prompt=False, padding_free=False)
+    shared = collate_pairs(pairs, share_prompt=True, padding_free=True)
+    assert (plain["segment_ids"] >= 0).sum() == 2 * 3 + 2 + 1 + 2 * 1 + 1 + 3
+    assert (shared["segment_ids"] >= 0).sum() == 3 + 2 + 1 + 1 + 1 + 3
+    # unit [5 6 7 | 8 9 | 10]: rejected restarts at position 3 and is predicted from the last prompt token
+    row = shared["input_ids"].tolist()
+    assert [5, 6, 7, 8, 9, 10] in [r[i:i + 6] for r in row for i in range(len(r) - 5)]
+    assert int(shared["num_logical_tokens"]) == plain["segment_ids"].ge(0).sum()
+
+
+def test_mask_blocks_chosen_from_rejected():
+    batch = collate_pairs([TokenizedPair([5, 6], [7, 8], [9, 10])], share_prompt=True, padding_free=False)
+    mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=True)[0, 0]
+    # tokens: P0 P1 C0 C1 R0 R1
+    assert mask[4, :4].tolist() == [True, True, False, False]
+    assert mask[5].tolist() == [True, True, False, False, True, True]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 3]
+
+
+def test_token_logps_chunked_equals_full_and_keeps_no_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    h = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 300, (50,))
+    full = torch.log_softmax(head(h), -1).gather(-1, t[:, None]).squeeze(-1)
+    g_full = torch.autograd.grad(full.sum(), [h, head.weight])
+    chunked = token_logps(head, h, t, chunk_size=8)
+    g_chunk = torch.autograd.grad(chunked.sum(), [h, head.weight])
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(g_chunk, g_full):
+        torch.testing.assert_close(a, b)
+    # with checkpointing, no (chunk, V) tensor is saved for backward
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        token_logps(head, h, t, chunk_size=8)
+    assert all(300 not in shape for shape in saved), saved
+
+
+def test_empty_prompt_rejected():
+    with pytest.raises(ValueError, match="empty prompt"):
+        collate_pairs([TokenizedPair([], [1], [2])])
