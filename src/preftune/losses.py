@@ -1,0 +1,511 @@
+"""Preference-optimisation losses over per-sequence log-probabilities.
+
+Every loss is a pure function ``fn(logps: PolicyLogps, *, <hyper-parameters>) -> LossOutput``:
+
+* inputs (:class:`preftune.types.PolicyLogps`): summed completion log-probs (nats) of the chosen
+  and rejected completions ``(B,)``, their token counts ``(B,)`` and, for DPO, the same sums
+  under the reference policy ``(B,)``;
+* output (:class:`preftune.types.LossOutput`): the per-example loss ``(B,)`` whose mean is the
+  batch loss, detached chosen / rejected rewards ``(B,)`` and detached scalar metrics named as
+  TRL 1.16 names them (``logps/chosen``, ``logps/rejected``, ``nll_loss``; ORPO adds
+  ``log_odds_ratio`` and ``log_odds_chosen``). ``logps/*`` are the batch means of the log-probs
+  *as the loss used them*: per-token averages where the loss length-normalises (CPO-IPO, SimPO,
+  ORPO), sums otherwise (CPO sigmoid/hinge, every DPO variant, SFT) - what TRL logs.
+
+The NLL ("BC") regulariser. TRL computes it as one token-mean cross-entropy over all chosen
+completion tokens of the batch: ``NLL = -sum_i chosen_logps_i / sum_i chosen_lengths_i``. To
+keep a per-example loss whose *mean* is the batch loss, it is spread over the examples as
+``nll_i = -chosen_logps_i * B / sum_j chosen_lengths_j`` (see :func:`chosen_nll`), so
+``mean_i nll_i`` is exactly TRL's value and so are its gradients. The logged ``nll_loss`` is the
+unweighted NLL (0 when the loss has no NLL term), as in TRL.
+
+Precision: float16 / bfloat16 inputs are promoted to float32 for the loss arithmetic (token
+counts above 256 are not exact in bfloat16); float32 / float64 inputs are kept as they are. The
+returned tensors have that compute dtype; gradients flow back to the inputs in their own dtype.
+
+Names: :data:`LOSS_FUNCTIONS` maps ``--loss`` names to the functions, :func:`get_loss_fn` looks
+one up and :func:`compute_loss` runs the one chosen by a :class:`~preftune.config.LossArguments`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from preftune.config import LossArguments
+from preftune.types import LossOutput, PolicyLogps
+
+_WHERE = "preftune.losses"
+
+LossFn = Callable[..., LossOutput]
+PreferenceTerm = Callable[[torch.Tensor, float, float], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Validated inputs in the compute dtype, all ``(B,)``."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    ref_chosen: Optional[torch.Tensor]
+    ref_rejected: Optional[torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return self.chosen.shape[0]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _prepare(logps: PolicyLogps, loss: str, *, need_ref: bool = False) -> _Batch:
+    """Check shapes, dtypes and token counts of ``logps``; cast to the compute dtype.
+
+    Raises:
+        ValueError: a field is missing (reference sums for DPO), is not a 1-D tensor, has a
+            shape other than ``(B,)`` with ``B >= 1`` shared by all fields, has a non-floating
+            dtype (log-probs), or a token count is < 1.
+    """
+    fields = ["chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths"]
+    if need_ref:
+        fields += ["ref_chosen_logps", "ref_rejected_logps"]
+    ref_shape = None
+    for name in fields:
+        value = getattr(logps, name)
+        if value is None:
+            raise ValueError(f"{_WHERE}: loss {loss!r} needs PolicyLogps.{name}, which is None")
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] < 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{_WHERE}: PolicyLogps.{name} must be a 1-D tensor of shape (B,), B >= 1; got {shape}")
+        if ref_shape is None:
+            ref_shape = value.shape
+        elif value.shape != ref_shape:
+            raise ValueError(f"{_WHERE}: PolicyLogps.{name} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(ref_shape)} like chosen_logps")
+        if name.endswith("_logps") and not value.is_floating_point():
+            raise ValueError(f"{_WHERE}: PolicyLogps.{name} must be floating point, got {value.dtype}")
+    dtype = _compute_dtype(logps.chosen_logps)
+    for name in ("chosen_lengths", "rejected_lengths"):
+        if bool((getattr(logps, name) < 1).any()):
+            raise ValueError(f"{_WHERE}: PolicyLogps.{name} has a token count < 1: {getattr(logps, name).tolist()}")
+
+    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.to(dtype)
+
+    return _Batch(cast(logps.chosen_logps), cast(logps.rejected_logps),
+                  cast(logps.chosen_lengths).detach(), cast(logps.rejected_lengths).detach(),
+                  cast(logps.ref_chosen_logps) if need_ref else None,
+                  cast(logps.ref_rejected_logps) if need_ref else None)
+
+
+def _check_smoothing(loss: str, label_smoothing: float, allowed: bool) -> None:
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{_WHERE}: label_smoothing must be in [0, 0.5), got {label_smoothing} (loss {loss!r})")
+    if label_smoothing and not allowed:
+        raise ValueError(f"{_WHERE}: loss {loss!r} does not use label_smoothing (got {label_smoothing}); "
+                         "set it to 0")
+
+
+def _check_positive(name: str, value: float, loss: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{_WHERE}: {name} must be > 0 for loss {loss!r}, got {value}")
+
+
+def _check_weight(name: str, value: float, loss: str) -> None:
+    if value < 0:
+        raise ValueError(f"{_WHERE}: {name} must be >= 0 for loss {loss!r}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-example share of the batch token-mean NLL of the chosen completions.
+
+    ``nll_i = -chosen_logps_i * B / sum_j chosen_lengths_j``, so ``nll.mean()`` equals TRL's
+    ``CrossEntropyLoss`` over all chosen completion tokens of the batch,
+    ``-sum_i chosen_logps_i / sum_i chosen_lengths_i`` (value and gradients).
+
+    Args:
+        chosen_logps: ``(B,)`` summed token log-probs (nats).
+        chosen_lengths: ``(B,)`` token counts (no gradient flows through them).
+
+    Returns:
+        ``(B,)`` tensor in nats per token.
+    """
+    return -chosen_logps * (chosen_logps.shape[0] / chosen_lengths.detach().sum())
+
+
+def sigmoid_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Bradley-Terry logistic loss with optional label smoothing (conservative DPO / CPO Eq. 3).
+
+    ``-(1 - eps) * log sigmoid(beta * m) - eps * log sigmoid(-beta * m)`` for margin ``m (B,)``.
+    """
+    return (-(1.0 - label_smoothing) * F.logsigmoid(beta * margin)
+            - label_smoothing * F.logsigmoid(-beta * margin))
+
+
+def hinge_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """SLiC hinge loss ``max(0, 1 - beta * m)`` (Zhao et al. 2023, arXiv 2305.10425); ``(B,)``."""
+    del label_smoothing
+    return torch.relu(1.0 - beta * margin)
+
+
+def ipo_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """IPO squared loss ``(m - 1 / (2 * beta))**2`` with ``beta`` = tau (arXiv 2310.12036, Eq. 17); ``(B,)``."""
+    del label_smoothing
+    return (margin - 1.0 / (2.0 * beta)) ** 2
+
+
+def robust_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409, Sec. 3) with flip rate ``eps``.
+
+    ``[-(1 - eps) * log sigmoid(beta * m) + eps * log sigmoid(-beta * m)] / (1 - 2 * eps)``; ``(B,)``.
+    """
+    return ((-(1.0 - label_smoothing) * F.logsigmoid(beta * margin)
+             + label_smoothing * F.logsigmoid(-beta * margin)) / (1.0 - 2.0 * label_smoothing))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A preference sub-variant: its term, whether it takes label smoothing, whether the margin
+    is built from per-token averaged log-probs (as TRL does for IPO)."""
+
+    term: PreferenceTerm
+    uses_label_smoothing: bool
+    length_normalised: bool
+
+
+CPO_VARIANTS: dict[str, Variant] = {
+    "sigmoid": Variant(sigmoid_term, True, False),
+    "hinge": Variant(hinge_term, False, False),
+    "ipo": Variant(ipo_term, False, True),
+}
+DPO_VARIANTS: dict[str, Variant] = {
+    "sigmoid": Variant(sigmoid_term, True, False),
+    "hinge": Variant(hinge_term, False, False),
+    "ipo": Variant(ipo_term, False, True),
+    "robust": Variant(robust_term, True, False),
+}
+
+
+def _variant(table: dict[str, Variant], loss: str, loss_type: str) -> Variant:
+    if loss_type not in table:
+        raise ValueError(f"{_WHERE}: unknown {loss} loss type {loss_type!r}; valid: {', '.join(table)}")
+    return table[loss_type]
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def _output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+            logged_chosen: torch.Tensor, logged_rejected: torch.Tensor, nll: Optional[torch.Tensor],
+            **extra: torch.Tensor) -> LossOutput:
+    metrics = {
+        "logps/chosen": logged_chosen.detach().mean(),
+        "logps/rejected": logged_rejected.detach().mean(),
+        "nll_loss": nll.detach().mean() if nll is not None else _zero(losses),
+    }
+    metrics.update({k: v.detach() for k, v in extra.items()})
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def cpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> LossOutput:
+    """Contrastive Preference Optimization (Xu et al. 2024, arXiv 2401.08417).
+
+    ``loss_i = term(pi_c - pi_r) + cpo_alpha * nll_i`` where ``pi_*`` are the summed log-probs for
+    ``sigmoid`` (Eq. 3, ``-log sigmoid(beta * (pi_c - pi_r))``, label-smoothed as in
+    :func:`sigmoid_term`) and ``hinge``, and the per-token averages for ``ipo`` (as TRL 1.16:
+    ``(avg_c - avg_r - 1/(2 beta))**2``). ``nll_i`` is :func:`chosen_nll` (the L_NLL / BC
+    regulariser, Sec. 3). Rewards ``beta * pi_*``; ``logps/*`` log ``pi_*``.
+
+    Args:
+        logps: ``PolicyLogps`` with ``(B,)`` tensors (reference sums are ignored).
+        beta: temperature (> 0); for ``ipo`` the regulariser tau.
+        loss_type: one of :data:`CPO_VARIANTS` (``sigmoid``, ``hinge``, ``ipo``).
+        label_smoothing: in [0, 0.5); ``sigmoid`` only (TRL warns and ignores it for hinge/ipo,
+            here it is an error).
+        cpo_alpha: weight of the NLL term (>= 0); 0 disables it (``nll_loss`` logged as 0).
+
+    Returns:
+        ``LossOutput`` with ``losses (B,)``.
+
+    Raises:
+        ValueError: unknown ``loss_type``, ``beta <= 0``, ``cpo_alpha < 0``, label smoothing out of
+            range or given to hinge/ipo, or bad ``logps`` (see module doc).
+    """
+    variant = _variant(CPO_VARIANTS, "cpo", loss_type)
+    _check_positive("beta", beta, "cpo")
+    _check_weight("cpo_alpha", cpo_alpha, "cpo")
+    _check_smoothing(f"cpo/{loss_type}", label_smoothing, variant.uses_label_smoothing)
+    b = _prepare(logps, "cpo")
+    chosen, rejected = b.chosen, b.rejected
+    if variant.length_normalised:
+        chosen, rejected = chosen / b.chosen_lengths, rejected / b.rejected_lengths
+    losses = variant.term(chosen - rejected, beta, label_smoothing)
+    nll = chosen_nll(b.chosen, b.chosen_lengths) if cpo_alpha else None
+    if nll is not None:
+        losses = losses + cpo_alpha * nll
+    return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll)
+
+
+def simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.5,
+               label_smoothing: float = 0.0, cpo_alpha: float = 0.0) -> LossOutput:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6), optionally with the CPO NLL term.
+
+    ``loss_i = -(1 - eps) log sigmoid(z_i) - eps log sigmoid(-z_i) + cpo_alpha * nll_i`` with
+    ``z_i = beta * (avg_c - avg_r) - simpo_gamma``, ``avg_* = logps_* / lengths_*`` (the
+    length-normalised reward, Eq. 4). ``cpo_alpha > 0`` is CPO-SimPO (TRL's CPOTrainer with
+    ``loss_type="simpo"`` and ``cpo_alpha``). Rewards ``beta * avg_*``; ``logps/*`` log ``avg_*``.
+    Label smoothing is not in the paper; it is TRL's conservative form.
+
+    Args:
+        logps: ``PolicyLogps`` with ``(B,)`` tensors.
+        beta: reward scale (> 0). simpo_gamma: target reward margin gamma (nats, any sign).
+        label_smoothing: in [0, 0.5). cpo_alpha: NLL weight (>= 0).
+
+    Returns:
+        ``LossOutput`` with ``losses (B,)``.
+
+    Raises:
+        ValueError: ``beta <= 0``, ``cpo_alpha < 0``, label smoothing out of range, bad ``logps``.
+    """
+    _check_positive("beta", beta, "simpo")
+    _check_weight("cpo_alpha", cpo_alpha, "simpo")
+    _check_smoothing("simpo", label_smoothing, True)
+    b = _prepare(logps, "simpo")
+    chosen, rejected = b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths
+    losses = sigmoid_term(chosen - rejected - simpo_gamma / beta, beta, label_smoothing)
+    nll = chosen_nll(b.chosen, b.chosen_lengths) if cpo_alpha else None
+    if nll is not None:
+        losses = losses + cpo_alpha * nll
+    return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll)
+
+
+def cpo_simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.5,
+                   label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> LossOutput:
+    """CPO-SimPO: :func:`simpo_loss` plus ``cpo_alpha`` (default 1.0) x the chosen NLL.
+
+    Same formula, shapes and errors as :func:`simpo_loss`; only the default ``cpo_alpha`` differs.
+    """
+    return simpo_loss(logps, beta=beta, simpo_gamma=simpo_gamma, label_smoothing=label_smoothing,
+                      cpo_alpha=cpo_alpha)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2`` (Maechler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(logps: PolicyLogps, *, beta: float = 0.1, label_smoothing: float = 0.0,
+              nll_logps: Optional[torch.Tensor] = None,
+              nll_lengths: Optional[torch.Tensor] = None) -> LossOutput:
+    """Odds-Ratio Preference Optimization (Hong et al. 2024, arXiv 2403.07691, Eqs. 4, 6, 7).
+
+    With ``a_* = logps_* / lengths_*`` (per-token averaged log-probs, the paper's log P(y|x)):
+    ``log_odds_i = (a_c - a_r) - (log(1 - exp(a_c)) - log(1 - exp(a_r)))`` and
+    ``loss_i = nll_i - beta * log sigmoid(log_odds_i)`` (``beta`` is lambda). The mean over the
+    batch equals TRL's ``nll - mean(beta * log sigmoid(log_odds))``. Rewards ``beta * a_*``;
+    metrics as TRL names them: ``log_odds_ratio`` = mean ``log sigmoid(log_odds)``,
+    ``log_odds_chosen`` = mean ``log_odds``; ``logps/*`` log ``a_*``.
+
+    NLL coverage: TRL 1.16 (like the ORPO reference code) takes the NLL over the *prompt and*
+    chosen completion (all attended tokens but the first). ``PolicyLogps`` holds completion
+    sums only, so by default the NLL covers the chosen completion tokens (the paper's L_SFT
+    on the response, the reference code's ``disable_prompt_loss``). Pass ``nll_logps`` /
+    ``nll_lengths`` ``(B,)`` (summed log-probs and token counts over whatever tokens the NLL
+    should cover, e.g. prompt + completion) to reproduce TRL's value exactly.
+
+    An average log-prob of exactly 0 (probability 1) makes ``log_odds`` infinite, as in TRL.
+
+    Args:
+        logps: ``PolicyLogps`` with ``(B,)`` tensors. beta: lambda (> 0).
+        label_smoothing: must be 0 (ORPO has none). nll_logps, nll_lengths: see above.
+
+    Returns:
+        ``LossOutput`` with ``losses (B,)`` and extra metrics ``log_odds_ratio``, ``log_odds_chosen``.
+
+    Raises:
+        ValueError: ``beta <= 0``, ``label_smoothing != 0``, only one of ``nll_logps`` /
+            ``nll_lengths`` given or of the wrong shape, bad ``logps``.
+    """
+    _check_positive("beta", beta, "orpo")
+    _check_smoothing("orpo", label_smoothing, False)
+    b = _prepare(logps, "orpo")
+    chosen, rejected = b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    if (nll_logps is None) != (nll_lengths is None):
+        raise ValueError(f"{_WHERE}: orpo needs both nll_logps and nll_lengths, or neither")
+    if nll_logps is None:
+        nll = chosen_nll(b.chosen, b.chosen_lengths)
+    else:
+        for name, t in (("nll_logps", nll_logps), ("nll_lengths", nll_lengths)):
+            if not isinstance(t, torch.Tensor) or t.shape != b.chosen.shape:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{_WHERE}: orpo {name} must have shape ({b.size},), got {shape}")
+        if bool((nll_lengths < 1).any()):
+            raise ValueError(f"{_WHERE}: orpo nll_lengths has a token count < 1: {nll_lengths.tolist()}")
+        nll = chosen_nll(nll_logps.to(chosen.dtype), nll_lengths.to(chosen.dtype))
+    losses = nll - beta * ratio
+    return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll,
+                   log_odds_ratio=ratio.mean(), log_odds_chosen=log_odds.mean())
+
+
+def dpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, rpo_alpha: Optional[float] = None) -> LossOutput:
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7) and variants.
+
+    With log-ratios ``h_* = pi_* - ref_*`` (summed log-probs) and margin ``m = h_c - h_r``:
+
+    * ``sigmoid``: ``-(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)`` (Eq. 7; ``eps > 0``
+      is conservative DPO, Mitchell 2023). TRL 1.16 ignores ``label_smoothing`` for sigmoid, so
+      parity with TRL holds for ``eps = 0`` only.
+    * ``hinge``: ``max(0, 1 - beta m)``.
+    * ``ipo``: ``(m' - 1/(2 beta))**2`` (Azar et al., arXiv 2310.12036, Eq. 17) on the *per-token
+      averaged* margin ``m' = h_c / len_c - h_r / len_r``, as TRL 1.16 does (not in the paper).
+    * ``robust``: :func:`robust_term` (arXiv 2403.00409) with flip rate ``eps``.
+
+    ``rpo_alpha`` adds ``rpo_alpha * nll_i`` (RPO, Pang et al. 2024, arXiv 2404.19733, Eq. 1); in
+    TRL 1.16 that is ``loss_type=[<type>, "sft"]`` with ``loss_weights=[1, rpo_alpha]``, the same
+    batch token-mean NLL as :func:`chosen_nll`. Rewards ``beta * h_*`` (summed, every variant);
+    ``logps/*`` log the summed policy log-probs.
+
+    Args:
+        logps: ``PolicyLogps`` with ``(B,)`` tensors including ``ref_chosen_logps`` and
+            ``ref_rejected_logps``.
+        beta: temperature (> 0); tau for ``ipo``.
+        loss_type: one of :data:`DPO_VARIANTS`.
+        label_smoothing: in [0, 0.5); ``sigmoid`` and ``robust`` only.
+        rpo_alpha: NLL weight (>= 0) or ``None`` (no NLL term, ``nll_loss`` logged as 0).
+
+    Returns:
+        ``LossOutput`` with ``losses (B,)``.
+
+    Raises:
+        ValueError: unknown ``loss_type``, missing reference sums, ``beta <= 0``, ``rpo_alpha < 0``,
+            label smoothing out of range or given to hinge/ipo, bad ``logps``.
+    """
+    variant = _variant(DPO_VARIANTS, "dpo", loss_type)
+    _check_positive("beta", beta, "dpo")
+    if rpo_alpha is not None:
+        _check_weight("rpo_alpha", rpo_alpha, "dpo")
+    _check_smoothing(f"dpo/{loss_type}", label_smoothing, variant.uses_label_smoothing)
+    b = _prepare(logps, "dpo", need_ref=True)
+    chosen_ratio, rejected_ratio = b.chosen - b.ref_chosen, b.rejected - b.ref_rejected
+    if variant.length_normalised:
+        margin = chosen_ratio / b.chosen_lengths - rejected_ratio / b.rejected_lengths
+    else:
+        margin = chosen_ratio - rejected_ratio
+    losses = variant.term(margin, beta, label_smoothing)
+    nll = chosen_nll(b.chosen, b.chosen_lengths) if rpo_alpha else None
+    if nll is not None:
+        losses = losses + rpo_alpha * nll
+    return _output(losses, beta * chosen_ratio, beta * rejected_ratio, b.chosen, b.rejected, nll)
+
+
+def sft_loss(logps: PolicyLogps, *, label_smoothing: float = 0.0) -> LossOutput:
+    """Supervised fine-tuning on the chosen completions: ``loss_i = nll_i`` (:func:`chosen_nll`).
+
+    The mean is the token-mean NLL of all chosen tokens (TRL's SFT / DPO ``"sft"`` loss); the
+    rejected completions get no gradient. Rewards are the per-token averaged log-probs
+    ``logps_* / lengths_*`` (no beta), so ``rewards/accuracies`` still says how often the model
+    prefers the chosen completion. ``logps/*`` log the summed log-probs; ``nll_loss`` the NLL.
+
+    Raises:
+        ValueError: ``label_smoothing != 0`` or bad ``logps``.
+    """
+    _check_smoothing("sft", label_smoothing, False)
+    b = _prepare(logps, "sft")
+    nll = chosen_nll(b.chosen, b.chosen_lengths)
+    return _output(nll, b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths,
+                   b.chosen, b.rejected, nll)
+
+
+# --------------------------------------------------------------------------------------------
+# Name tables and dispatch
+# --------------------------------------------------------------------------------------------
+
+LOSS_FUNCTIONS: dict[str, LossFn] = {
+    "cpo": cpo_loss,
+    "simpo": simpo_loss,
+    "cpo-simpo": cpo_simpo_loss,
+    "orpo": orpo_loss,
+    "dpo": dpo_loss,
+    "sft": sft_loss,
+}
+
+
+def _simpo_hparams(a: LossArguments) -> dict[str, Any]:
+    return {"beta": a.beta, "simpo_gamma": a.simpo_gamma, "label_smoothing": a.label_smoothing,
+            "cpo_alpha": a.cpo_alpha}
+
+
+# name -> LossArguments -> keyword hyper-parameters of that loss.
+_HPARAMS: dict[str, Callable[[LossArguments], dict[str, Any]]] = {
+    "cpo": lambda a: {"beta": a.beta, "loss_type": a.cpo_loss_type, "label_smoothing": a.label_smoothing,
+                      "cpo_alpha": a.cpo_alpha},
+    "simpo": _simpo_hparams,
+    "cpo-simpo": _simpo_hparams,
+    "orpo": lambda a: {"beta": a.beta, "label_smoothing": a.label_smoothing},
+    "dpo": lambda a: {"beta": a.beta, "loss_type": a.dpo_loss_type, "label_smoothing": a.label_smoothing,
+                      "rpo_alpha": a.rpo_alpha},
+    "sft": lambda a: {"label_smoothing": a.label_smoothing},
+}
+# Which losses read which NLL weight; a non-zero weight given to another loss is an error.
+_NLL_WEIGHT_OWNERS = {"cpo_alpha": ("cpo", "simpo", "cpo-simpo"), "rpo_alpha": ("dpo",)}
+
+
+def get_loss_fn(name: str) -> LossFn:
+    """The loss function registered under ``name`` (a ``--loss`` value).
+
+    Raises:
+        ValueError: ``name`` is unknown; the message lists the valid names.
+    """
+    try:
+        return LOSS_FUNCTIONS[name]
+    except KeyError:
+        raise ValueError(f"{_WHERE}: unknown loss {name!r}; valid: {', '.join(LOSS_FUNCTIONS)}") from None
+
+
+def compute_loss(logps: PolicyLogps, args: LossArguments) -> LossOutput:
+    """Run the loss ``args.loss`` with its hyper-parameters from ``args`` on ``logps``.
+
+    Args:
+        logps: ``PolicyLogps`` of B pairs (``(B,)`` tensors; reference sums for ``dpo``).
+        args: validated ``LossArguments``.
+
+    Returns:
+        ``LossOutput``; ``losses.mean()`` is the batch loss.
+
+    Raises:
+        ValueError: unknown loss name, an NLL weight (``cpo_alpha`` / ``rpo_alpha``) set to a
+            non-zero value for a loss that does not use it, or any error of the loss itself.
+    """
+    fn = get_loss_fn(args.loss)
+    for weight, owners in _NLL_WEIGHT_OWNERS.items():
+        if getattr(args, weight) and args.loss not in owners:
+            raise ValueError(f"{_WHERE}: --{weight} applies to --loss {'/'.join(owners)} only, "
+                             f"not {args.loss!r} (got {getattr(args, weight)})")
+    return fn(logps, **_HPARAMS[args.loss](args))
