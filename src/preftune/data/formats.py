@@ -1,0 +1,251 @@
+"""Detecting, validating and normalising the record formats of preference data.
+
+Four formats are recognised from the first record; every record is then held to that format:
+
+* ``standard``: ``prompt``, ``chosen``, ``rejected`` strings.
+* ``conversational``: ``prompt`` a list of ``{role, content}`` messages, ``chosen`` / ``rejected``
+  lists of assistant messages (the chat template is applied at tokenisation).
+* ``implicit_prompt``: only ``chosen`` and ``rejected``, two whole dialogues sharing all but the
+  last reply (Anthropic HH-RLHF, Bai et al. 2022). Text dialogues: the prompt is the common prefix
+  cut back to the last ``"\\n\\nAssistant:"`` marker it contains, so it always ends at a turn
+  boundary even when both final replies start alike (an empty final reply is kept and counted). Message lists: the prompt is the common
+  leading messages, backed off so both remainders start with an assistant message.
+* ``mt_triplets``: ALMA-R preference triplets (``translation`` dict; Xu et al. 2024, "Contrastive
+  Preference Optimization"), converted by :func:`preftune.mt.readers.triplets_to_preference_records`
+  into standard or conversational records.
+
+The output of :func:`normalise` is a list of ``{"prompt", "chosen", "rejected"}`` dicts, either all
+strings or all message lists, ready for :func:`preftune.data.tokenize.tokenize_records`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import DataError, where
+from .loading import RawData
+
+FORMATS = ("standard", "conversational", "implicit_prompt", "mt_triplets")
+ROLES = ("system", "user", "assistant", "tool")
+ASSISTANT_MARKER = "\n\nAssistant:"
+HUMAN_MARKER = "\n\nHuman:"
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class FormattedData:
+    """Records normalised to ``prompt`` / ``chosen`` / ``rejected``.
+
+    ``kind`` is ``"text"`` (strings) or ``"messages"`` (message lists). ``identical`` counts pairs
+    whose chosen equals rejected (allowed, but reported). ``notes`` are extra facts for the report.
+    """
+
+    source: str
+    format: str
+    kind: str
+    records: list[dict]
+    locations: list[str]
+    identical: int = 0
+    limit: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: source, record count, format, identical pairs and notes."""
+        text = f"data: {self.source}: {len(self.records)} records"
+        if self.limit is not None:
+            text += f" (first {self.limit} asked)"
+        detail = {"standard": "prompt/chosen/rejected strings",
+                  "conversational": "message lists, chat template at tokenisation",
+                  "implicit_prompt": (f"text dialogues, prompt = shared turns up to the last {ASSISTANT_MARKER!r}"
+                                      if self.kind == "text" else "message lists, prompt = shared leading messages"),
+                  "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records"}[self.format]
+        text += f", format {self.format} ({detail}), {self.identical} with chosen == rejected"
+        return "; ".join([text, *self.notes])
+
+
+def detect_format(record: dict) -> str:
+    """Name the format of one record (one of :data:`FORMATS`).
+
+    Raises :class:`DataError` (without location; callers add it) when no format fits.
+    """
+    if isinstance(record.get("translation"), dict):
+        return "mt_triplets"
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        return "standard"
+    if isinstance(prompt, list):
+        return "conversational"
+    if prompt is None and "chosen" in record and "rejected" in record:
+        return "implicit_prompt"
+    missing = [name for name in PAIR_FIELDS if record.get(name) is None]
+    raise DataError(f"cannot detect the data format: fields {', '.join(map(repr, missing))} missing "
+                    f"(found {', '.join(map(repr, record)) or 'no fields'}); expected prompt/chosen/rejected, "
+                    "chosen/rejected only (implicit prompt) or an ALMA-R 'translation' record")
+
+
+def parse_language_pairs(value: Optional[str]) -> Optional[list[str]]:
+    """``"de-en, en-de"`` -> ``["de-en", "en-de"]``; ``None`` or blank -> ``None``."""
+    if not value:
+        return None
+    pairs = [part.strip() for part in value.split(",") if part.strip()]
+    return pairs or None
+
+
+def normalise(raw: RawData, data_args: Any) -> FormattedData:
+    """Detect the format of ``raw`` from its first record, validate every record and normalise.
+
+    ``data_args`` is a :class:`preftune.config.DataArguments` (only ``language_pairs``,
+    ``cpo_scorer`` and ``chat_style`` are read, for MT triplets).
+    Raises :class:`DataError` naming source, record and field for any record that does not fit.
+    """
+    try:
+        fmt = detect_format(raw.records[0])
+    except DataError as err:
+        raise DataError(f"{where(raw.source, raw.locations[0])}: {err}") from None
+    if fmt == "mt_triplets":
+        return _from_triplets(raw, data_args)
+    out = FormattedData(raw.source, fmt, "text", [], raw.locations, limit=raw.limit)
+    multi_turn = empty_reply = 0
+    for record, location in zip(raw.records, raw.locations):
+        here = _Here(raw.source, location, fmt, raw.locations[0])
+        if fmt == "standard":
+            pair = {name: here.text(record, name) for name in PAIR_FIELDS}
+        elif fmt == "conversational":
+            out.kind = "messages"
+            pair = {"prompt": here.messages(record, "prompt"),
+                    "chosen": here.messages(record, "chosen", assistant_only=True),
+                    "rejected": here.messages(record, "rejected", assistant_only=True)}
+            if pair["prompt"][-1]["role"] == "assistant":
+                raise DataError(f"{where(raw.source, location, 'prompt')}: ends with an assistant message; "
+                                "the prompt must end with the turn that chosen/rejected answer")
+        else:
+            for name in ("prompt", "translation"):
+                if record.get(name) is not None:
+                    raise DataError(f"{where(raw.source, location, name)}: unexpected here; the dataset has an "
+                                    f"implicit prompt (chosen/rejected only, detected from {raw.locations[0]})")
+            if isinstance(record.get("chosen"), list):
+                out.kind = "messages"
+                pair = _split_messages(here, here.messages(record, "chosen"), here.messages(record, "rejected"))
+            else:
+                pair = _split_text(here, here.text(record, "chosen"), here.text(record, "rejected"))
+                multi_turn += any(HUMAN_MARKER in pair[name] for name in ("chosen", "rejected"))
+                empty_reply += any(not pair[name].strip() for name in ("chosen", "rejected"))
+        out.identical += pair["chosen"] == pair["rejected"]
+        out.records.append(pair)
+    if empty_reply:
+        out.notes.append(f"{empty_reply} pairs with an empty final reply (kept: that completion is the whitespace + EOS)")
+    if multi_turn:
+        out.notes.append(f"{multi_turn} pairs whose reply after the shared prompt holds a further {HUMAN_MARKER!r} "
+                         "turn (kept as is)")
+    return out
+
+
+@dataclass
+class _Here:
+    """Validation helpers bound to one record's position."""
+
+    source: str
+    location: str
+    fmt: str
+    first: str
+
+    def fail(self, name: str, problem: str) -> DataError:
+        return DataError(f"{where(self.source, self.location, name)}: {problem}")
+
+    def get(self, record: dict, name: str) -> Any:
+        if record.get(name) is None:
+            raise self.fail(name, "missing")
+        return record[name]
+
+    def text(self, record: dict, name: str) -> str:
+        value = self.get(record, name)
+        if not isinstance(value, str):
+            raise self.fail(name, f"expected a string ({self.fmt} format, detected from {self.first}), "
+                                  f"got {type(value).__name__}")
+        if not value.strip():
+            raise self.fail(name, "empty")
+        return value
+
+    def messages(self, record: dict, name: str, assistant_only: bool = False) -> list[dict]:
+        value = self.get(record, name)
+        if not isinstance(value, list):
+            raise self.fail(name, f"expected a list of messages ({self.fmt} format, detected from {self.first}), "
+                                  f"got {type(value).__name__}")
+        if not value:
+            raise self.fail(name, "empty message list")
+        out = []
+        for index, message in enumerate(value):
+            label = f"{name}[{index}]"
+            if not isinstance(message, dict):
+                raise self.fail(label, f"expected a {{role, content}} message, got {type(message).__name__}")
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES:
+                raise self.fail(label + ".role", f"{role!r} is not a valid role ({', '.join(ROLES)})")
+            if assistant_only and role != "assistant":
+                raise self.fail(label + ".role", f"{role!r}: completions must be assistant messages")
+            if content is None:
+                raise self.fail(label + ".content", "missing")
+            if not isinstance(content, str):
+                raise self.fail(label + ".content", f"expected a string, got {type(content).__name__}")
+            if role != "system" and not content.strip():
+                raise self.fail(label + ".content", "empty")
+            out.append({"role": role, "content": content})
+        return out
+
+
+def _split_text(here: _Here, chosen: str, rejected: str) -> dict:
+    """HH-RLHF text: prompt = common prefix cut back to (and including) its last Assistant marker."""
+    limit = min(len(chosen), len(rejected))
+    common = next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
+    cut = chosen.rfind(ASSISTANT_MARKER, 0, common)
+    # rfind(…, 0, common) only finds markers lying wholly inside the shared prefix.
+    if cut < 0:
+        raise here.fail("chosen", f"chosen and rejected share no {ASSISTANT_MARKER!r} turn; an implicit prompt "
+                                  "needs two dialogues that share all but the last assistant reply")
+    end = cut + len(ASSISTANT_MARKER)
+    # An empty final reply is kept (HH-RLHF has a few, e.g. a preferred silent non-answer); the
+    # completion is then the reply's whitespace + EOS. normalise() counts them.
+    return {"prompt": chosen[:end], "chosen": chosen[end:], "rejected": rejected[end:]}
+
+
+def _split_messages(here: _Here, chosen: list[dict], rejected: list[dict]) -> dict:
+    """Message lists: prompt = common leading messages; the rest must be assistant messages."""
+    limit = min(len(chosen), len(rejected)) - 1  # leave at least one message on each side
+    shared = next((i for i in range(limit) if chosen[i] != rejected[i]), max(limit, 0))
+    while shared > 0 and (chosen[shared]["role"] != "assistant" or rejected[shared]["role"] != "assistant"):
+        shared -= 1
+    if shared == 0:
+        raise here.fail("chosen", "chosen and rejected share no leading messages before an assistant reply; an "
+                                  "implicit prompt needs two dialogues that share all but the last reply")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        for index in range(shared, len(messages)):
+            if messages[index]["role"] != "assistant":
+                raise here.fail(f"{name}[{index}].role", f"{messages[index]['role']!r} after the shared messages; "
+                                "chosen and rejected must differ only in the final assistant reply")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def _from_triplets(raw: RawData, data_args: Any) -> FormattedData:
+    """Convert ALMA-R triplets through the MT reader, then validate its output as usual."""
+    try:
+        from preftune.mt.readers import triplets_to_preference_records
+    except ImportError as err:
+        raise DataError(f"{raw.source}: looks like ALMA-R translation triplets ('translation' field in "
+                        f"{raw.locations[0]}), but the MT reader preftune.mt.readers is not available ({err})") from None
+    records, stats = triplets_to_preference_records(
+        raw.records, source=raw.source, language_pairs=parse_language_pairs(data_args.language_pairs),
+        cpo_scorer=data_args.cpo_scorer, chat_style=bool(data_args.chat_style))
+    if not records:
+        raise DataError(f"{raw.source}: the MT reader produced no preference records from {len(raw.records)} "
+                        f"triplets ({stats})")
+    converted = RawData(f"{raw.source} (converted)", records,
+                        [f"converted record {i}" for i in range(1, len(records) + 1)], raw.limit)
+    inner = normalise(converted, data_args)
+    if inner.format not in ("standard", "conversational"):
+        raise DataError(f"{raw.source}: the MT reader returned {inner.format} records; expected standard or "
+                        "conversational")
+    stats_text = ", ".join(f"{key} {value}" for key, value in stats.items()) if isinstance(stats, dict) else str(stats)
+    notes = [f"{len(raw.records)} triplets" + (f": {stats_text}" if stats_text else ""), *inner.notes]
+    return FormattedData(raw.source, "mt_triplets", "text" if inner.format == "standard" else "messages",
+                         inner.records, inner.locations, inner.identical, raw.limit, notes)

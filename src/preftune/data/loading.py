@@ -1,0 +1,187 @@
+"""Reading raw records from a file, a Hub dataset or the shipped demo set.
+
+``--dataset`` takes ``PATH`` or ``PATH#N`` (the first N records, ms-swift's convention). JSON-lines
+files (``.jsonl``, ``.jsonl.gz``) are read here line by line so that a bad record can be named by
+its line number; ``.json`` is read with the standard library (line and column of a syntax error);
+``.parquet`` and ``.csv`` go through :mod:`datasets`; anything that is not a local path and looks
+like ``owner/name`` is loaded from the Hub with :func:`datasets.load_dataset` (``owner/name:split``
+picks a split, default ``train``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional
+
+from .errors import DataError
+
+DEMO_NAME = "demo.jsonl"
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+JSON_SUFFIXES = (".json", ".json.gz")
+DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+SUPPORTED = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + tuple(DATASETS_SUFFIXES))
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+
+
+@dataclass
+class RawData:
+    """Records as read, before format detection.
+
+    ``locations[i]`` names record ``i`` in error messages (``"line 7"`` for JSON lines,
+    ``"record 3"`` otherwise, 1-based). ``limit`` is the N of ``PATH#N`` (None without it).
+    """
+
+    source: str
+    records: list[dict]
+    locations: list[str]
+    limit: Optional[int] = None
+
+    def describe(self) -> str:
+        """``"<source>: 200 records (first 200 asked)"`` style summary."""
+        text = f"{self.source}: {len(self.records)} records"
+        if self.limit is not None:
+            text += f" (first {self.limit} asked" + ("" if len(self.records) == self.limit else ", file is shorter") + ")"
+        return text
+
+
+def parse_spec(spec: str) -> tuple[str, Optional[int]]:
+    """Split ``"path#N"`` into ``("path", N)``; ``"path"`` gives ``("path", None)``.
+
+    Raises :class:`DataError` if N is not a positive integer.
+    """
+    if "#" not in spec:
+        return spec, None
+    path, _, count = spec.rpartition("#")
+    if not count.isdigit() or int(count) <= 0:
+        raise DataError(f"--dataset {spec!r}: the part after '#' must be a positive number of records, got {count!r}")
+    return path, int(count)
+
+
+def demo_path() -> str:
+    """Filesystem path of the shipped demo set (``preftune/resources/demo.jsonl``)."""
+    ref = resources.files("preftune") / "resources" / DEMO_NAME
+    with resources.as_file(ref) as path:  # a real file for regular and editable installs
+        return str(path)
+
+
+def load_raw(spec: Optional[str]) -> RawData:
+    """Read the records named by ``spec`` (``None``: the demo set).
+
+    Raises :class:`DataError` for a missing file, an unsupported extension, an unparsable line or
+    record (naming file and line), a record that is not a JSON object, or a Hub load failure.
+    """
+    if spec is None:
+        return _read_jsonl(demo_path(), None)
+    path, limit = parse_spec(spec)
+    lower = path.lower()
+    if os.path.isdir(path):
+        raise DataError(f"--dataset {path!r} is a directory; give a file ({SUPPORTED}) or a Hub id")
+    if os.path.exists(path):
+        if lower.endswith(JSONL_SUFFIXES):
+            return _read_jsonl(path, limit)
+        if lower.endswith(JSON_SUFFIXES):
+            return _read_json(path, limit)
+        for suffix, builder in DATASETS_SUFFIXES.items():
+            if lower.endswith(suffix):
+                return _read_with_datasets(path, builder, limit)
+        raise DataError(f"{path}: unsupported file type; supported: {SUPPORTED}")
+    looks_like_file = lower.endswith(JSONL_SUFFIXES + JSON_SUFFIXES + tuple(DATASETS_SUFFIXES)) or path.startswith(
+        (".", "/", "~"))
+    if looks_like_file or not _HUB_ID.match(path):
+        raise DataError(f"{path}: file not found (and not a Hub dataset id)")
+    return _read_hub(path, limit)
+
+
+def _open_text(path: str):
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
+    records: list[dict] = []
+    locations: list[str] = []
+    try:
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if limit is not None and len(records) >= limit:
+                    break
+                if not line.strip():
+                    continue  # blank lines (e.g. a trailing newline) are not records
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+                locations.append(f"line {number}")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}, line {len(locations) + 1}: not UTF-8 text ({err.reason})") from None
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read ({err})") from None
+    return _finish(RawData(path, records, locations, limit))
+
+
+def _read_json(path: str, limit: Optional[int]) -> RawData:
+    try:
+        with _open_text(path) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+            return _read_jsonl(path, limit)
+        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    if limit is not None:
+        data = data[:limit]
+    for index, record in enumerate(data, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, record {index}: expected a JSON object, got {type(record).__name__}")
+    return _finish(RawData(path, data, [f"record {i}" for i in range(1, len(data) + 1)], limit))
+
+
+def _read_with_datasets(path: str, builder: str, limit: Optional[int]) -> RawData:
+    import datasets
+
+    reader = datasets.Dataset.from_parquet if builder == "parquet" else datasets.Dataset.from_csv
+    try:
+        table = reader(path, keep_in_memory=True)
+    except Exception as err:  # pyarrow / pandas raise many types; name the file and pass the reason on
+        raise DataError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
+    if limit is not None:
+        table = table.select(range(min(limit, len(table))))
+    records = table.to_list()
+    return _finish(RawData(path, records, [f"record {i}" for i in range(1, len(records) + 1)], limit))
+
+
+def _read_hub(name: str, limit: Optional[int]) -> RawData:
+    import datasets
+
+    repo, _, split = name.partition(":")
+    split = split or "train"
+    if limit is not None:
+        split = f"{split}[:{limit}]"
+    try:
+        table = datasets.load_dataset(repo, split=split)
+    except Exception as err:  # network, missing repo, missing split...: all end here with the id named
+        raise DataError(
+            f"{name}: not a local file, and loading it as a Hub dataset failed ({type(err).__name__}: {err}). "
+            "Check the path, or the network / HF_HUB_OFFLINE for Hub datasets.") from None
+    records = table.to_list()
+    return _finish(RawData(name, records, [f"record {i}" for i in range(1, len(records) + 1)], limit))
+
+
+def _finish(raw: RawData) -> RawData:
+    if not raw.records:
+        raise DataError(f"{raw.source}: no records")
+    return raw

@@ -1,0 +1,222 @@
+"""Tokenising normalised preference records into :class:`preftune.types.TokenizedPair`.
+
+The completion tokens are exactly the tokens the model is scored on:
+
+* text records: the prompt is encoded *with* the tokenizer's special tokens (a BOS if the
+  tokenizer adds one; an EOS some tokenizers would append is removed), each completion *without*
+  special tokens, and the EOS id is appended once (not when the text already ends with it).
+* message records: the chat template renders the prompt with ``add_generation_prompt=True`` and the
+  whole conversation without it; the completion text is the full rendering minus the prompt
+  rendering. Both are encoded *without* special tokens, as the template writes its own (so no
+  doubled BOS). When the completion ends with the EOS token followed only by template whitespace
+  (SmolLM2 / ChatML: ``"...<|im_end|>\\n"``), the whitespace is cut, so the completion ends with
+  exactly one EOS; otherwise EOS is appended once.
+
+Prompt and completion are tokenised **separately** and concatenated. Encoding the joined text can
+merge tokens across the boundary (e.g. ``"A:" + " B"``); the separate encoding is kept because it
+gives a prompt identical for chosen and rejected (the shared-prompt layout needs that) and matches
+what the model sees at generation (prompt encoded alone, then sampled tokens). How many pairs
+would encode differently when joined is counted and reported.
+
+Truncation follows TRL's CPO/DPO order (``CPOTrainer.tokenize_row``): completions are first capped
+at ``max_completion_length``; then, if prompt + longer completion exceeds ``max_length``, the prompt
+is cut to ``max_prompt_length`` (``keep_end`` keeps its end, ``keep_start`` its start); then each
+completion is cut to ``max_length - len(prompt)`` tokens (keeping its start; a cut completion loses
+its EOS). Unlike TRL, ``keep_end`` keeps a leading BOS the tokenizer added. Without ``max_length``
+the prompt is cut to ``max_prompt_length`` whenever longer. A pair whose completion would become
+empty is dropped. Every cut and drop is counted in :class:`TokenizeStats`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from preftune.types import TokenizedPair
+
+from .errors import DataError, where
+
+DROP_PROMPT_FILLS = "prompt fills max_length"
+
+
+@dataclass
+class TokenizeStats:
+    """Counts from one :func:`tokenize_records` call.
+
+    ``records``: pairs given; ``kept``: pairs returned; ``prompts_truncated``: pairs whose prompt
+    was cut; ``completions_truncated``: completions cut (chosen and rejected counted separately);
+    ``dropped``: reason -> pairs dropped; ``boundary_mismatches``: pairs whose joined
+    prompt+completion text encodes differently from the separate encodings; ``identical``: kept
+    pairs whose chosen and rejected tokens are equal.
+    """
+
+    records: int = 0
+    kept: int = 0
+    prompts_truncated: int = 0
+    completions_truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    boundary_mismatches: int = 0
+    identical: int = 0
+
+    @property
+    def num_dropped(self) -> int:
+        """Total pairs dropped."""
+        return sum(self.dropped.values())
+
+    def summary(self, label: str = "data") -> str:
+        """``"data: 1600 records, 12 prompts truncated, 3 completions truncated, 0 dropped"`` (+ details)."""
+        text = (f"{label}: {self.records} records, {self.prompts_truncated} prompts truncated, "
+                f"{self.completions_truncated} completions truncated, {self.num_dropped} dropped")
+        if self.dropped:
+            text += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items())) + ")"
+        if self.identical:
+            text += f", {self.identical} with identical chosen/rejected tokens"
+        if self.boundary_mismatches:
+            text += (f", {self.boundary_mismatches} pairs encode differently when prompt and completion are "
+                     "joined (separate encoding used)")
+        return text
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], *, max_length: Optional[int],
+                  max_prompt_length: Optional[int], max_completion_length: Optional[int],
+                  truncation_mode: str = "keep_end", bos_id: Optional[int] = None):
+    """Apply the truncation rules of the module docstring to one pair of token-id lists.
+
+    ``bos_id``: when given and the prompt starts with it, ``keep_end`` keeps it in front.
+    Returns ``(prompt, chosen, rejected, prompt_cut: bool, completions_cut: int, drop_reason | None)``.
+    """
+    completions = [chosen, rejected]
+    cut = 0
+    if max_completion_length is not None:
+        for i, ids in enumerate(completions):
+            if len(ids) > max_completion_length:
+                completions[i], cut = ids[:max_completion_length], cut + 1
+    longest = max(len(ids) for ids in completions)
+    prompt_cut = False
+    too_long = max_length is not None and len(prompt) + longest > max_length
+    if max_prompt_length is not None and len(prompt) > max_prompt_length and (max_length is None or too_long):
+        prompt, prompt_cut = _cut_prompt(prompt, max_prompt_length, truncation_mode, bos_id), True
+    if max_length is not None:
+        room = max_length - len(prompt)
+        if room <= 0:
+            return prompt, completions[0], completions[1], prompt_cut, cut, DROP_PROMPT_FILLS
+        for i, ids in enumerate(completions):
+            if len(ids) > room:
+                completions[i], cut = ids[:room], cut + 1
+    if not completions[0] or not completions[1]:
+        return prompt, completions[0], completions[1], prompt_cut, cut, "empty completion"
+    return prompt, completions[0], completions[1], prompt_cut, cut, None
+
+
+def _cut_prompt(prompt: list[int], limit: int, mode: str, bos_id: Optional[int]) -> list[int]:
+    if mode == "keep_start":
+        return prompt[:limit]
+    if bos_id is not None and prompt and prompt[0] == bos_id and limit > 1:
+        return [bos_id] + prompt[len(prompt) - (limit - 1):]
+    return prompt[len(prompt) - limit:]
+
+
+class _Encoder:
+    """Batch encoding with the special-token facts of one tokenizer worked out once."""
+
+    def __init__(self, tokenizer: Any, source: str):
+        self.tok = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise DataError(f"{source}: the tokenizer has no EOS token; completions need one to end")
+        probe_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        probe_plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        self.adds_bos = bos is not None and probe_special[:1] == [bos] and probe_plain[:1] != [bos]
+        self.bos_id = bos if self.adds_bos else None
+        self.adds_eos = probe_special[-1:] == [self.eos_id] and probe_plain[-1:] != [self.eos_id]
+
+    def encode(self, texts: list[str], special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        ids = self.tok(texts, add_special_tokens=special)["input_ids"]
+        if special and self.adds_eos:
+            ids = [seq[:-1] if seq[-1:] == [self.eos_id] else seq for seq in ids]
+        if special and self.adds_bos:  # a prompt that already starts with the BOS text gets it once
+            ids = [seq[1:] if seq[:2] == [self.bos_id, self.bos_id] else seq for seq in ids]
+        return [list(seq) for seq in ids]
+
+    def end(self, ids: list[int]) -> list[int]:
+        return ids if ids[-1:] == [self.eos_id] else ids + [self.eos_id]
+
+
+def _render(records: list[dict], tokenizer: Any, locations: list[str], source: str):
+    """Texts to encode: (prompt, chosen, rejected, prompt_special) per record."""
+    rendered = []
+    eos_text = tokenizer.eos_token
+    for record, location in zip(records, locations):
+        if isinstance(record.get("prompt"), str):
+            rendered.append((record["prompt"], record["chosen"], record["rejected"], True))
+            continue
+        if not isinstance(record.get("prompt"), list):
+            raise DataError(f"{where(source, location, 'prompt')}: expected a string or a message list")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{source}: conversational records need a tokenizer with a chat template")
+        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        completions = []
+        for name in ("chosen", "rejected"):
+            full = tokenizer.apply_chat_template(record["prompt"] + record[name], tokenize=False)
+            if not full.startswith(prompt):
+                raise DataError(f"{where(source, location, name)}: the chat template renders the prompt differently "
+                                "inside the full conversation, so the completion cannot be cut out of it")
+            completion = full[len(prompt):]
+            if eos_text and completion.rstrip().endswith(eos_text):
+                completion = completion.rstrip()  # whitespace after the end-of-turn EOS is not scored
+            completions.append(completion)
+        rendered.append((prompt, completions[0], completions[1], False))
+    return rendered
+
+
+def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, locations: Optional[list[str]] = None,
+                     source: str = "data") -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenise and truncate normalised records (see the module docstring for the exact rules).
+
+    ``records``: ``{"prompt", "chosen", "rejected"}`` dicts, all strings or all message lists (the
+    output of :func:`preftune.data.formats.normalise`). ``data_args``: a
+    :class:`preftune.config.DataArguments` (``max_length``, ``max_prompt_length``,
+    ``max_completion_length``, ``truncation_mode`` are read). ``locations`` / ``source`` name
+    records in errors. Returns the kept pairs (lists of token ids) and the counts.
+    Raises :class:`DataError` for a tokenizer without EOS or chat template (when needed), or a
+    chat template whose prompt rendering is not a prefix of the full rendering.
+    """
+    locations = locations or [f"record {i}" for i in range(1, len(records) + 1)]
+    encoder = _Encoder(tokenizer, source)
+    rendered = _render(records, tokenizer, locations, source)
+    stats = TokenizeStats(records=len(records))
+    # Encode in batches: prompts that take special tokens, those that do not, then the completions.
+    prompt_ids: list[list[int]] = [[] for _ in rendered]
+    joined: dict[tuple[int, int], list[int]] = {}
+    for special in (True, False):
+        index = [i for i, item in enumerate(rendered) if item[3] == special]
+        for i, ids in zip(index, encoder.encode([rendered[i][0] for i in index], special)):
+            prompt_ids[i] = ids
+        for side in (1, 2):
+            texts = [rendered[i][0] + rendered[i][side] for i in index]
+            for i, ids in zip(index, encoder.encode(texts, special)):
+                joined[i, side] = ids
+    chosen_ids = encoder.encode([item[1] for item in rendered], False)
+    rejected_ids = encoder.encode([item[2] for item in rendered], False)
+    pairs = []
+    for i in range(len(rendered)):
+        sides = (chosen_ids[i], rejected_ids[i])
+        stats.boundary_mismatches += any(joined[i, s + 1] != prompt_ids[i] + sides[s] for s in (0, 1))
+        prompt, chosen, rejected, prompt_cut, cut, drop = truncate_pair(
+            prompt_ids[i], encoder.end(sides[0]), encoder.end(sides[1]),
+            max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,
+            max_completion_length=data_args.max_completion_length, truncation_mode=data_args.truncation_mode,
+            bos_id=encoder.bos_id)
+        stats.prompts_truncated += prompt_cut
+        stats.completions_truncated += cut
+        if drop:
+            stats.dropped[drop] += 1
+            continue
+        stats.identical += chosen == rejected
+        pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected))
+    stats.kept = len(pairs)
+    return pairs, stats
