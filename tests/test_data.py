@@ -1,0 +1,348 @@
+"""Data pipeline: loading, formats, validation errors, truncation, split (toy char-level tokenizer)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import string
+import sys
+import types
+
+import pytest
+from tokenizers import Tokenizer, models, processors
+from transformers import PreTrainedTokenizerFast
+
+from preftune.config import DataArguments
+from preftune.data import (
+    DataError,
+    build_datasets,
+    load_raw,
+    normalise,
+    parse_spec,
+    split_indices,
+    tokenize_records,
+    truncate_pair,
+)
+
+MARK = "\n\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """One token per printable character; adds <s> (BOS) in front with special tokens; EOS </s>."""
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    for char in string.printable:
+        vocab.setdefault(char, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def pair(i=0, **extra):
+    return {"prompt": f"Q{i}:", "chosen": f" good {i}", "rejected": f" bad {i}", **extra}
+
+
+def args(**kw):
+    kw.setdefault("max_length", None)
+    kw.setdefault("max_prompt_length", None)
+    return DataArguments(**kw)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_spec_and_first_n(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [pair(i) for i in range(10)])
+    assert parse_spec("a/b.jsonl#12") == ("a/b.jsonl", 12)
+    raw = load_raw(path + "#3")
+    assert [r["prompt"] for r in raw.records] == ["Q0:", "Q1:", "Q2:"]
+    assert raw.locations == ["line 1", "line 2", "line 3"]
+    longer = load_raw(path + "#50")
+    assert len(longer.records) == 10 and "file is shorter" in longer.describe()
+    for bad in ("#0", "#x", "#-2"):
+        with pytest.raises(DataError, match="positive number of records"):
+            load_raw(path + bad)
+
+
+def test_jsonl_gz_blank_lines_and_line_numbers(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write(json.dumps(pair(0)) + "\n\n" + json.dumps(pair(1)) + "\n")
+    raw = load_raw(str(path))
+    assert raw.locations == ["line 1", "line 3"]
+
+
+def test_unparsable_and_non_object_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(pair(0)) + "\n" + json.dumps(pair(1)) + "\n{\"prompt\": \"x\",\n")
+    with pytest.raises(DataError, match=rf"^{path}, line 3: not valid JSON"):
+        load_raw(str(path))
+    path.write_text(json.dumps(pair(0)) + "\n[1, 2]\n")
+    with pytest.raises(DataError, match=rf"^{path}, line 2: expected a JSON object, got list"):
+        load_raw(str(path))
+
+
+def test_json_parquet_csv(tmp_path):
+    import datasets
+
+    records = [pair(i) for i in range(4)]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(records).to_csv(str(tmp_path / "d.csv"), index=False)
+    for name in ("d.json", "d.parquet", "d.csv"):
+        raw = load_raw(str(tmp_path / name) + "#3")
+        assert raw.records == records[:3], name
+        assert raw.locations[-1] == "record 3"
+    (tmp_path / "broken.json").write_text('[{"prompt": "a",\n "chosen": }]')
+    with pytest.raises(DataError, match=r"broken.json, line 2: not valid JSON"):
+        load_raw(str(tmp_path / "broken.json"))
+
+
+def test_missing_file_unsupported_type_and_hub(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        load_raw(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_raw(str(tmp_path / "d.txt"))
+    import datasets
+
+    calls = []
+
+    def offline(name, split):
+        calls.append((name, split))
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"^someone/prefs:train_prefs: not a local file, .*ConnectionError: no network"):
+        load_raw("someone/prefs:train_prefs#5")
+    assert calls == [("someone/prefs", "train_prefs[:5]")]
+
+
+def test_demo_set_ships_and_is_standard():
+    raw = load_raw(None)
+    assert raw.source.endswith("resources/demo.jsonl")
+    assert 48 <= len(raw.records) <= 64
+    data = normalise(raw, DataArguments())
+    assert data.format == "standard" and data.identical == 0
+    assert all(r["prompt"].endswith("Answer:") and r["chosen"].startswith(" ") for r in data.records)
+
+
+# ---------------------------------------------------------------- formats and validation
+
+
+@pytest.mark.parametrize("record, field, problem", [
+    ({"prompt": "p", "chosen": "c"}, "rejected", "missing"),
+    ({"prompt": "p", "chosen": 5, "rejected": "r"}, "chosen", "expected a string"),
+    ({"prompt": "  ", "chosen": "c", "rejected": "r"}, "prompt", "empty"),
+    ({"prompt": ["p"], "chosen": "c", "rejected": "r"}, "prompt", r"expected a string \(standard format, detected from line 1\)"),
+])
+def test_standard_errors_name_file_line_field(tmp_path, record, field, problem):
+    path = write_jsonl(tmp_path / "d.jsonl", [pair(0), pair(1), record])
+    with pytest.raises(DataError, match=rf"^{path}, line 3, field '{field}': {problem}"):
+        normalise(load_raw(path), args())
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize("record, field, problem", [
+    ({"prompt": [{"role": "robot", "content": "hi"}], "chosen": [bot("a")], "rejected": [bot("b")]},
+     r"prompt\[0\].role", "'robot' is not a valid role"),
+    ({"prompt": [user("hi")], "chosen": [{"role": "assistant"}], "rejected": [bot("b")]},
+     r"chosen\[0\].content", "missing"),
+    ({"prompt": [user("hi")], "chosen": [bot("a")], "rejected": [user("b")]},
+     r"rejected\[0\].role", "'user': completions must be assistant messages"),
+    ({"prompt": [user("hi")], "chosen": [bot("a")], "rejected": []}, "rejected", "empty message list"),
+    ({"prompt": [user("hi"), bot("x")], "chosen": [bot("a")], "rejected": [bot("b")]}, "prompt",
+     "ends with an assistant message"),
+])
+def test_conversational_errors(tmp_path, record, field, problem):
+    good = {"prompt": [user("hi")], "chosen": [bot("a")], "rejected": [bot("b")]}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([good, record]))
+    with pytest.raises(DataError, match=rf"^{path}, record 2, field '{field}': {problem}"):
+        normalise(load_raw(str(path)), args())
+
+
+def test_identical_pairs_are_counted_not_rejected(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [pair(0), {"prompt": "p", "chosen": " same", "rejected": " same"}])
+    data = normalise(load_raw(path), args())
+    assert data.identical == 1 and "1 with chosen == rejected" in data.describe()
+
+
+def test_undetectable_format(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=rf"^{path}, line 1: cannot detect the data format"):
+        normalise(load_raw(path), args())
+
+
+def test_implicit_text_prompt_ends_at_turn_boundary(tmp_path):
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a fact." + MARK
+    records = [
+        {"chosen": shared + " Sure, the Nile is long.", "rejected": shared + " Sure, go away."},  # shared "Sure, "
+        {"chosen": shared + " A", "rejected": shared + " B"},
+        {"chosen": shared + " ", "rejected": shared + " B"},  # empty final reply: kept and counted
+    ]
+    path = write_jsonl(tmp_path / "hh.jsonl", records)
+    data = normalise(load_raw(path), args())
+    assert data.format == "implicit_prompt" and data.kind == "text"
+    assert all(r["prompt"] == shared for r in data.records)
+    assert data.records[0]["chosen"] == " Sure, the Nile is long."
+    assert data.records[0]["rejected"] == " Sure, go away."
+    assert "1 pairs with an empty final reply" in data.describe()
+
+
+def test_implicit_text_without_shared_marker(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "Human: x\n\nAssistant: a", "rejected": "Other: b"}])
+    with pytest.raises(DataError, match=rf"^{path}, line 1, field 'chosen': chosen and rejected share no"):
+        normalise(load_raw(path), args())
+
+
+def test_implicit_messages(tmp_path):
+    head = [{"role": "system", "content": ""}, user("hi"), bot("hello"), user("fact?")]
+    records = [
+        {"chosen": head + [bot("Water boils at 100 C.")], "rejected": head + [bot("No.")]},
+        {"chosen": head + [bot("Same.")], "rejected": head + [bot("Same.")]},  # identical: last reply split off
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    data = normalise(load_raw(path), args())
+    assert data.format == "implicit_prompt" and data.kind == "messages"
+    assert [r["prompt"] for r in data.records] == [head, head]
+    assert data.records[0]["chosen"] == [bot("Water boils at 100 C.")] and data.identical == 1
+    bad = {"chosen": head + [bot("a")], "rejected": head[:3] + [user("other"), bot("b")]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(DataError, match=rf"^{path}, line 1, field 'chosen\[3\].role': 'user' after the shared messages"):
+        normalise(load_raw(path), args())
+
+
+TRIPLET = {"translation": {"language_pair": "de-en", "de": "Hallo", "en": "Hello", "gpt4_en": "Hi",
+                           "alma_en": "Hallo", "gpt4_en_kiwi_xcomet": 0.9, "alma_en_kiwi_xcomet": 0.4}}
+
+
+def test_mt_triplets_missing_reader(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "preftune.mt.readers", None)  # import fails
+    path = write_jsonl(tmp_path / "mt.jsonl", [TRIPLET])
+    with pytest.raises(DataError, match=rf"^{path}: looks like ALMA-R translation triplets.*preftune.mt.readers"):
+        normalise(load_raw(path), args())
+
+
+def test_mt_triplets_delegate_to_reader(tmp_path, monkeypatch):
+    seen = {}
+
+    def convert(raw_records, *, source, language_pairs, cpo_scorer, chat_style):
+        seen.update(n=len(raw_records), source=source, pairs=language_pairs, scorer=cpo_scorer, chat=chat_style)
+        return [{"prompt": "Translate: Hallo\n", "chosen": "Hello", "rejected": "Hallo"}], {"kept": 1, "skipped": 0}
+
+    monkeypatch.setitem(sys.modules, "preftune.mt.readers", types.SimpleNamespace(triplets_to_preference_records=convert))
+    path = write_jsonl(tmp_path / "mt.jsonl", [TRIPLET, TRIPLET])
+    data = normalise(load_raw(path), args(language_pairs="de-en, en-de", cpo_scorer="kiwi_xcomet", chat_style=True))
+    assert seen == {"n": 2, "source": path, "pairs": ["de-en", "en-de"], "scorer": "kiwi_xcomet", "chat": True}
+    assert data.format == "mt_triplets" and data.kind == "text" and len(data.records) == 1
+    assert "2 triplets: kept 1, skipped 0" in data.describe()
+
+
+# ---------------------------------------------------------------- tokenisation and truncation
+
+
+def test_standard_tokenisation_bos_and_single_eos(char_tok):
+    records = [{"prompt": "Q:", "chosen": " yes", "rejected": " no</s>"}]
+    pairs, stats = tokenize_records(records, char_tok, args())
+    ids = char_tok.convert_tokens_to_ids
+    assert pairs[0].prompt_ids == [0] + ids(list("Q:"))
+    assert pairs[0].chosen_ids == ids(list(" yes")) + [1]
+    assert pairs[0].rejected_ids == ids(list(" no")) + [1]  # EOS already there: not doubled
+    assert stats.summary() == "data: 1 records, 0 prompts truncated, 0 completions truncated, 0 dropped"
+
+
+def test_truncate_pair_order_and_modes():
+    prompt, chosen, rejected = [0] + list(range(10, 30)), list(range(100, 110)), list(range(200, 204))
+    p, c, r, cut_p, cut_c, drop = truncate_pair(prompt, chosen, rejected, max_length=16, max_prompt_length=8,
+                                                max_completion_length=None, truncation_mode="keep_end", bos_id=0)
+    assert p == [0] + list(range(23, 30)) and cut_p  # BOS kept, then the prompt's end
+    assert c == chosen[:8] and r == rejected and cut_c == 1 and drop is None
+    p, *_ = truncate_pair(prompt, chosen, rejected, max_length=16, max_prompt_length=8,
+                          max_completion_length=None, truncation_mode="keep_start")
+    assert p == prompt[:8]
+    # Fits: nothing is cut although the prompt is longer than max_prompt_length (TRL's rule).
+    p, c, r, cut_p, cut_c, _ = truncate_pair(prompt, chosen, rejected, max_length=64, max_prompt_length=8,
+                                             max_completion_length=None)
+    assert p == prompt and not cut_p and cut_c == 0
+    # max_completion_length caps first; no max_length: max_prompt_length always applies.
+    p, c, r, cut_p, cut_c, _ = truncate_pair(prompt, chosen, rejected, max_length=None, max_prompt_length=5,
+                                             max_completion_length=3, truncation_mode="keep_start")
+    assert (len(p), len(c), len(r), cut_p, cut_c) == (5, 3, 3, True, 2)
+    *_, drop = truncate_pair(prompt, chosen, rejected, max_length=21, max_prompt_length=None,
+                             max_completion_length=None)
+    assert drop == "prompt fills max_length"
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncation_counts_both_modes(char_tok, mode):
+    long_prompt = "P" * 10 + "Question?"
+    records = [
+        {"prompt": long_prompt, "chosen": " " + "c" * 20, "rejected": " r"},  # prompt + completion cut
+        {"prompt": "short", "chosen": " a", "rejected": " b"},  # untouched
+        {"prompt": "tiny", "chosen": " " + "x" * 40, "rejected": " " + "y" * 40},  # both completions cut
+    ]
+    pairs, stats = tokenize_records(records, char_tok,
+                                    args(max_length=24, max_prompt_length=8, truncation_mode=mode))
+    assert (stats.prompts_truncated, stats.completions_truncated, stats.num_dropped) == (1, 3, 0)
+    assert stats.summary() == "data: 3 records, 1 prompts truncated, 3 completions truncated, 0 dropped"
+    first = "".join(char_tok.convert_ids_to_tokens(pairs[0].prompt_ids))
+    assert first == ("<s>" + long_prompt[-7:] if mode == "keep_end" else "<s>" + long_prompt[:7])
+    assert all(len(p.prompt_ids) + len(p.chosen_ids) <= 24 for p in pairs)
+    assert pairs[1].chosen_ids[-1] == char_tok.eos_token_id
+
+
+def test_drops_are_counted_and_logged(char_tok, tmp_path, caplog):
+    records = [pair(0), {"prompt": "x" * 30, "chosen": " a", "rejected": " b"}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with caplog.at_level(logging.INFO, logger="preftune.data"):
+        data = build_datasets(DataArguments(dataset=path, max_length=20, max_prompt_length=None), char_tok, seed=0)
+    assert len(data.train) == 1 and data.train_stats.dropped == {"prompt fills max_length": 1}
+    expected = "data: 2 records, 0 prompts truncated, 0 completions truncated, 1 dropped (prompt fills max_length: 1)"
+    assert expected in data.report.splitlines()
+    assert expected in caplog.messages
+    assert sum("format standard" in m for m in caplog.messages) == 1
+    with pytest.raises(DataError, match="every training pair was dropped"):
+        build_datasets(DataArguments(dataset=path + "#1", max_length=3, max_prompt_length=None), char_tok, seed=0)
+
+
+# ---------------------------------------------------------------- split and entry point
+
+
+def test_split_is_deterministic():
+    a = split_indices(100, 0.2, seed=7)
+    assert a == split_indices(100, 0.2, seed=7)
+    assert a != split_indices(100, 0.2, seed=8)
+    train, held = a
+    assert len(held) == 20 and sorted(train + held) == list(range(100))
+    with pytest.raises(DataError, match="cannot be split"):
+        split_indices(1, 0.5, seed=0)
+
+
+def test_build_datasets_eval_ratio_file_and_demo(char_tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [pair(i) for i in range(20)])
+    one = build_datasets(args(dataset=path, eval_ratio=0.25), char_tok, seed=3)
+    two = build_datasets(args(dataset=path, eval_ratio=0.25), char_tok, seed=3)
+    assert len(one.train) == 15 and len(one.eval) == 5
+    assert [p.prompt_ids for p in one.eval] == [p.prompt_ids for p in two.eval]
+    assert {tuple(p.prompt_ids) for p in one.eval}.isdisjoint(tuple(p.prompt_ids) for p in one.train)
+    eval_path = write_jsonl(tmp_path / "e.jsonl", [pair(i) for i in range(100, 103)])
+    sep = build_datasets(args(dataset=path, eval_file=eval_path), char_tok, seed=0)
+    assert len(sep.train) == 20 and len(sep.eval) == 3 and "eval data: 3 records" in sep.report
+    with pytest.raises(DataError, match="not both"):
+        build_datasets(args(dataset=path, eval_file=eval_path, eval_ratio=0.1), char_tok, seed=0)
+    demo = build_datasets(DataArguments(), char_tok, seed=0)
+    assert demo.format == "standard" and demo.eval is None and 48 <= len(demo.train) <= 64
