@@ -249,7 +249,14 @@ def test_mt_triplets_delegate_to_reader(tmp_path, monkeypatch):
     data = normalise(load_raw(path), args(language_pairs="de-en, en-de", cpo_scorer="kiwi_xcomet", chat_style=True))
     assert seen == {"n": 2, "source": path, "pairs": ["de-en", "en-de"], "scorer": "kiwi_xcomet", "chat": True}
     assert data.format == "mt_triplets" and data.kind == "text" and len(data.records) == 1
-    assert "2 triplets: kept 1, skipped 0" in data.describe()
+    assert "2 triplets: kept 1;" in data.describe() + ";"  # zero counts are left out
+
+    def broken(raw_records, **_):
+        raise ValueError(f"{path}: record 1: field 'translation.de' is missing")
+
+    monkeypatch.setitem(sys.modules, "preftune.mt.readers", types.SimpleNamespace(triplets_to_preference_records=broken))
+    with pytest.raises(DataError, match=r"record 1: field 'translation.de' is missing"):
+        normalise(load_raw(path), args())
 
 
 # ---------------------------------------------------------------- tokenisation and truncation

@@ -233,9 +233,14 @@ def _from_triplets(raw: RawData, data_args: Any) -> FormattedData:
     except ImportError as err:
         raise DataError(f"{raw.source}: looks like ALMA-R translation triplets ('translation' field in "
                         f"{raw.locations[0]}), but the MT reader preftune.mt.readers is not available ({err})") from None
-    records, stats = triplets_to_preference_records(
-        raw.records, source=raw.source, language_pairs=parse_language_pairs(data_args.language_pairs),
-        cpo_scorer=data_args.cpo_scorer, chat_style=bool(data_args.chat_style))
+    try:
+        records, stats = triplets_to_preference_records(
+            raw.records, source=raw.source, language_pairs=parse_language_pairs(data_args.language_pairs),
+            cpo_scorer=data_args.cpo_scorer, chat_style=bool(data_args.chat_style))
+    except DataError:
+        raise
+    except ValueError as err:  # the MT reader names file, record and field; keep its message
+        raise DataError(str(err)) from None
     if not records:
         raise DataError(f"{raw.source}: the MT reader produced no preference records from {len(raw.records)} "
                         f"triplets ({stats})")
@@ -245,7 +250,21 @@ def _from_triplets(raw: RawData, data_args: Any) -> FormattedData:
     if inner.format not in ("standard", "conversational"):
         raise DataError(f"{raw.source}: the MT reader returned {inner.format} records; expected standard or "
                         "conversational")
-    stats_text = ", ".join(f"{key} {value}" for key, value in stats.items()) if isinstance(stats, dict) else str(stats)
+    stats_text = _stats_text(stats)
     notes = [f"{len(raw.records)} triplets" + (f": {stats_text}" if stats_text else ""), *inner.notes]
     return FormattedData(raw.source, "mt_triplets", "text" if inner.format == "standard" else "messages",
                          inner.records, inner.locations, inner.identical, raw.limit, notes)
+
+
+def _stats_text(stats: Any) -> str:
+    """``{"pairs": {"de-en": 3}, "ties": 0, "skipped": {}}`` -> ``"pairs (de-en 3)"``: zeros and empties left out."""
+    if not isinstance(stats, dict):
+        return str(stats)
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            if value:
+                parts.append(f"{key} (" + ", ".join(f"{k} {v}" for k, v in value.items()) + ")")
+        elif value:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
