@@ -270,6 +270,9 @@ def test_standard_tokenisation_bos_and_single_eos(char_tok):
     assert pairs[0].chosen_ids == ids(list(" yes")) + [1]
     assert pairs[0].rejected_ids == ids(list(" no")) + [1]  # EOS already there: not doubled
     assert stats.summary() == "data: 1 records, 0 prompts truncated, 0 completions truncated, 0 dropped"
+    # A prompt that already starts with the BOS text gets one BOS, not two.
+    (again,), _ = tokenize_records([{"prompt": "<s>Q:", "chosen": " y", "rejected": " n"}], char_tok, args())
+    assert again.prompt_ids == pairs[0].prompt_ids
 
 
 def test_truncate_pair_order_and_modes():
