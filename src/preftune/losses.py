@@ -172,7 +172,7 @@ def ipo_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch
 
 
 def robust_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409, Sec. 3) with flip rate ``eps``.
+    """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409, the rDPO loss) with flip rate ``eps``.
 
     ``[-(1 - eps) * log sigmoid(beta * m) + eps * log sigmoid(-beta * m)] / (1 - 2 * eps)``; ``(B,)``.
     """
@@ -314,7 +314,11 @@ def cpo_simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float 
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2`` (Maechler 2012)."""
+    """Elementwise ``log(1 - exp(x))`` for ``x < 0`` (any shape), stable on both sides of ``-log 2``.
+
+    ``log1p(-exp(x))`` below ``-log 2``, ``log(-expm1(x))`` above (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))"). ``x = 0`` gives ``-inf``; ``x > 0`` gives NaN.
+    """
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
@@ -387,9 +391,10 @@ def dpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid
       averaged* margin ``m' = h_c / len_c - h_r / len_r``, as TRL 1.16 does (not in the paper).
     * ``robust``: :func:`robust_term` (arXiv 2403.00409) with flip rate ``eps``.
 
-    ``rpo_alpha`` adds ``rpo_alpha * nll_i`` (RPO, Pang et al. 2024, arXiv 2404.19733, Eq. 1); in
-    TRL 1.16 that is ``loss_type=[<type>, "sft"]`` with ``loss_weights=[1, rpo_alpha]``, the same
-    batch token-mean NLL as :func:`chosen_nll`. Rewards ``beta * h_*`` (summed, every variant);
+    ``rpo_alpha`` adds ``rpo_alpha * nll_i`` (RPO, Pang et al. 2024, arXiv 2404.19733); in TRL 1.16
+    that is ``loss_type=[<type>, "sft"]`` with ``loss_weights=[1, rpo_alpha]``, the same batch
+    token-mean NLL as :func:`chosen_nll`. The paper instead weights the DPO term by alpha and
+    normalises the NLL per sequence (over prompt and completion); TRL's form is followed here. Rewards ``beta * h_*`` (summed, every variant);
     ``logps/*`` log the summed policy log-probs.
 
     Args:
