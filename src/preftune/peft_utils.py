@@ -1,0 +1,162 @@
+"""LoRA adapters (peft) and the reference policy of DPO-style losses without a second model copy.
+
+Reference policy (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7: pi_ref is the
+policy training starts from):
+
+* fresh adapter: the starting policy is the base model, obtained by disabling the adapters;
+* continuing an existing adapter (``--peft_model_id``): the starting policy is base + that adapter
+  *as loaded*, not the bare base. We load the adapter a second time, frozen, under the name
+  ``"reference"`` and switch to it inside :func:`reference_context`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from .config import PeftArguments
+from .models import ModelLoadError
+
+logger = logging.getLogger("preftune.models")
+
+REFERENCE_ADAPTER = "reference"
+TRAIN_ADAPTER = "default"
+
+
+class ReferenceModelRequiredError(RuntimeError):
+    """A reference policy was asked of a model that has no adapter to switch off."""
+
+
+def _is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False):
+    """Wrap ``model`` with LoRA (Hu et al. 2021, "LoRA": W + (alpha/r) B A) and return the ``PeftModel``.
+
+    * ``peft_args.peft_model_id`` set: that adapter is loaded trainable (``is_trainable=True``) and its
+      own ``LoraConfig`` is used (the ``--lora_*`` flags are ignored, which is logged). With
+      ``with_reference_adapter`` it is loaded a second time, frozen, as the reference
+      (:func:`setup_reference_adapter`).
+    * otherwise a fresh adapter: ``r``, ``alpha``, ``dropout``, ``target_modules`` (``["all-linear"]``
+      becomes peft's ``"all-linear"``: every linear layer except the output head).
+    * 4-bit base weights: ``peft.prepare_model_for_kbit_training`` first (QLoRA, Dettmers et al. 2023).
+
+    Raises:
+        ModelLoadError: ``model`` is already a ``PeftModel``, or the adapter directory is missing.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if _is_peft_model(model):
+        raise ModelLoadError("apply_peft: the model already has peft adapters")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if peft_args.peft_model_id:
+        if not Path(peft_args.peft_model_id, "adapter_config.json").is_file():
+            raise ModelLoadError(f"--peft_model_id {peft_args.peft_model_id}: no adapter_config.json there")
+        peft_model = PeftModel.from_pretrained(model, peft_args.peft_model_id, is_trainable=True,
+                                               adapter_name=TRAIN_ADAPTER)
+        cfg = peft_model.peft_config[TRAIN_ADAPTER]
+        logger.info("Continuing adapter %s (r=%s, alpha=%s, targets=%s); --lora_* flags are ignored",
+                    peft_args.peft_model_id, cfg.r, cfg.lora_alpha, cfg.target_modules)
+        if with_reference_adapter:
+            setup_reference_adapter(peft_model, peft_args.peft_model_id)
+        return peft_model
+    targets = list(peft_args.lora_target_modules)
+    target_modules = "all-linear" if targets == ["all-linear"] else targets
+    if "all-linear" in targets and len(targets) > 1:
+        raise ModelLoadError(f"--lora_target_modules {targets}: all-linear cannot be combined with names")
+    config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
+                        target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config, adapter_name=TRAIN_ADAPTER)
+
+
+def setup_reference_adapter(model, peft_model_id: str) -> None:
+    """Load the adapter at ``peft_model_id`` a second time, frozen, as adapter ``"reference"``.
+
+    The training adapter stays active and keeps its ``requires_grad`` exactly; every parameter of
+    the reference adapter has ``requires_grad=False``, so it is outside any optimizer built from
+    trainable parameters. Save the trained result with :func:`save_adapter`.
+
+    Raises:
+        ModelLoadError: ``model`` is not a ``PeftModel`` or already has a reference adapter.
+    """
+    if not _is_peft_model(model):
+        raise ModelLoadError("setup_reference_adapter needs a PeftModel (apply_peft first)")
+    if REFERENCE_ADAPTER in model.peft_config:
+        raise ModelLoadError(f"the model already has an adapter named {REFERENCE_ADAPTER!r}")
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    active = model.active_adapter
+    model.load_adapter(peft_model_id, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter(active)
+    _restore_requires_grad(model, grads)
+
+
+def _restore_requires_grad(model: nn.Module, grads: dict[str, bool]) -> None:
+    """Set every parameter's requires_grad to its value in ``grads``; parameters not listed (the
+    reference adapter) are frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(grads.get(name, False) and REFERENCE_ADAPTER not in name.split("."))
+
+
+@contextmanager
+def reference_context(model) -> Iterator[None]:
+    """Context under which ``model(...)`` computes the reference policy pi_ref (DPO eq. 7).
+
+    * ``PeftModel`` with a ``"reference"`` adapter: that adapter (the starting state of a continued
+      adapter) is made the active one;
+    * other ``PeftModel``: adapters disabled, i.e. the base model;
+    * no peft: raises.
+
+    On exit the training adapter is active again and every parameter's ``requires_grad`` is exactly
+    as before (peft's ``set_adapter``/``enable_adapter_layers`` would otherwise toggle it). The
+    context does not switch off autograd or dropout: wrap it in ``torch.no_grad()`` and choose the
+    train/eval mode as the caller needs.
+
+    Raises:
+        ReferenceModelRequiredError: ``model`` is not a ``PeftModel``.
+    """
+    if not _is_peft_model(model):
+        raise ReferenceModelRequiredError(
+            "The reference policy of this loss (DPO) needs adapters to switch off (--use_peft), a separate "
+            "reference model (preftune.models.load_reference_model) or precomputed reference log-probs "
+            "(--precompute_ref_log_probs); the given model has no peft adapter.")
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    if REFERENCE_ADAPTER in model.peft_config:
+        active = model.active_adapter
+        if active == REFERENCE_ADAPTER:
+            raise ModelLoadError("reference_context entered while the reference adapter is already active")
+        try:
+            model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+            yield
+        finally:
+            model.set_adapter(active, inference_mode=True)
+            _restore_requires_grad(model, grads)
+    else:
+        try:
+            with model.disable_adapter():
+                yield
+        finally:
+            _restore_requires_grad(model, grads)
+
+
+def save_adapter(model, output_dir: str | Path) -> Path:
+    """Save only the trained adapter (never the frozen ``"reference"`` copy) to ``output_dir``.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` directly in ``output_dir``
+    (peft puts non-default adapters in sub-directories; only ``"default"`` is selected here).
+
+    Raises:
+        ModelLoadError: ``model`` is not a ``PeftModel``.
+    """
+    if not _is_peft_model(model):
+        raise ModelLoadError("save_adapter needs a PeftModel; use model.save_pretrained for full models")
+    output_dir = Path(output_dir)
+    model.save_pretrained(str(output_dir), selected_adapters=[TRAIN_ADAPTER])
+    return output_dir
