@@ -181,7 +181,6 @@ class EngineArguments:
         default=1024, metadata={"help": "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block."})
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk)."})
-    group_by_length: bool = field(default=True, metadata={"help": "Sample batches of similar length (padded path)."})
 
     def __post_init__(self) -> None:
         if self.logprob_chunk_size <= 0:

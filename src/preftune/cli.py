@@ -1,0 +1,109 @@
+"""``preftune`` command line: ``train``, ``evaluate``, ``plot`` and ``mt``.
+
+Configuration and data errors are printed as one clear message (no traceback) and exit with
+status 2; ``PREFTUNE_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+USAGE = """usage: preftune <command> [options]
+
+commands:
+  train      [CONFIG.yaml] [--flag value ...]  preference (or SFT) fine-tuning; `preftune train --help`
+  evaluate   --dataset FILE [--adapter DIR] ...  preference accuracy and mean reward margin
+  plot       OUTPUT_DIR [--metrics ...]          plot metrics from trainer_state.json
+  mt         build-triplets | translate | evaluate   the ALMA-R machine-translation workflow
+"""
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from preftune.config import ConfigError
+    from preftune.data import DataError
+    from preftune.models import ModelLoadError
+
+    return ConfigError, DataError, ModelLoadError, FileNotFoundError
+
+
+def cmd_train(argv: list[str]) -> int:
+    from preftune.cli_args import parse_groups
+    from preftune.train import run
+
+    groups = parse_groups(argv)
+    metrics = run(groups)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from preftune.cli_args import parse_groups
+    from preftune.config import DataArguments, EngineArguments, LossArguments, ModelArguments
+    from preftune.evaluate import EvaluateArguments, run_evaluate
+
+    groups = (ModelArguments, DataArguments, LossArguments, EngineArguments, EvaluateArguments)
+    # `--model` is accepted as a short form of --model_name_or_path
+    argv = ["--model_name_or_path" if a == "--model" else a for a in argv]
+    model_args, data_args, loss_args, engine_args, eval_args = parse_groups(argv, groups, prog="preftune evaluate")
+    metrics = run_evaluate(model_args, data_args, loss_args, engine_args, eval_args)
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if eval_args.output_json:
+        with open(eval_args.output_json, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+def cmd_plot(argv: list[str]) -> int:
+    from preftune.plots import main as plot_main
+
+    return plot_main(argv)
+
+
+def cmd_mt(argv: list[str]) -> int:
+    from preftune.mt.cli import main as mt_main
+
+    return mt_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "mt": cmd_mt}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``preftune`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        hint = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        print(f"preftune: unknown command {command!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    _setup_logging()
+    try:
+        return COMMANDS[command](rest)
+    except _user_errors() as exc:
+        if os.environ.get("PREFTUNE_DEBUG"):
+            raise
+        print(f"preftune {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

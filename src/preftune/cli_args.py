@@ -1,0 +1,146 @@
+"""Command-line and YAML parsing of the configuration groups.
+
+Flags are built from the dataclass fields by :class:`transformers.HfArgumentParser`, one
+argument group per dataclass (``preftune train --help`` is grouped); boolean flags accept both
+``--bf16`` and ``--bf16 true``. A YAML file gives the same keys; flags given on the command line
+win. An unknown flag or YAML key is an error that suggests the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from preftune.config import ConfigError, DataArguments, EngineArguments, LossArguments, ModelArguments, PeftArguments
+
+
+@dataclass
+class PreftuneTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with preftune's defaults (flags unchanged)."""
+
+    _argument_group_name = "training (transformers.TrainingArguments)"
+
+    output_dir: str = field(default="outputs/preftune", metadata={"help": "Where checkpoints and results go."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches are laid-out pairs."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Pairs per device and step."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Pairs per device in evaluation."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "Initial AdamW learning rate."})
+    save_only_model: bool = field(default=False, metadata={"help": "Skip optimizer state in checkpoints."})
+
+
+TRAIN_GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments,
+                PreftuneTrainingArguments)
+
+
+def _yaml_to_argv(config: dict[str, Any], source: str, valid: set[str]) -> list[str]:
+    argv: list[str] = []
+    for key, value in config.items():
+        if key not in valid:
+            hint = difflib.get_close_matches(key, sorted(valid), n=1)
+            raise ConfigError(f"{source}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _valid_names(groups) -> set[str]:
+    return {f.name for g in groups for f in dataclasses.fields(g) if f.init and not f.name.startswith("_")}
+
+
+def make_parser(groups=TRAIN_GROUPS, prog: str = "preftune train") -> HfArgumentParser:
+    """The grouped flag parser for ``groups``."""
+    parser = HfArgumentParser(groups, prog=prog,
+                              description="Preference-optimisation fine-tuning. Give an optional YAML config "
+                                          "first; flags override it.")
+    parser.add_argument("config", nargs="?", default=None, help="Optional YAML config file.")
+    return parser
+
+
+def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune train") -> tuple:
+    """Parse ``[CONFIG.yaml] [--flag value …]`` into one instance per group (flags win over YAML).
+
+    Raises :class:`ConfigError` for an unknown flag or key (with the closest valid name), a
+    missing or unreadable YAML file, and any group's own validation error.
+    """
+    parser = make_parser(groups, prog)
+    yaml_argv: list[str] = []
+    if argv and not argv[0].startswith("-"):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
+        yaml_argv = _yaml_to_argv(loaded, str(path), _valid_names(groups))
+        argv = argv[1:]
+    valid_flags = sorted("--" + n for n in _valid_names(groups))
+    for token in argv:
+        if token.startswith("--"):
+            name = token.split("=", 1)[0]
+            if name not in valid_flags and name not in ("--help",):
+                hint = difflib.get_close_matches(name, valid_flags, n=1)
+                raise ConfigError(f"unknown flag {name}" + (f"; did you mean {hint[0]}?" if hint else "")
+                                  + f" (see `{prog} --help`)")
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(yaml_argv + argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+    # the positional `config` is returned as an extra namespace; drop it
+    parsed = [p for p in parsed if not hasattr(p, "config") or dataclasses.is_dataclass(p)]
+    if remaining:
+        raise ConfigError(f"unexpected arguments: {' '.join(remaining)}")
+    return tuple(parsed)
+
+
+def config_to_yaml(groups: tuple) -> str:
+    """The resolved configuration as YAML (every preftune field; TrainingArguments fields that differ
+    from transformers' defaults), loadable by :func:`parse_groups`."""
+    out: dict[str, Any] = {}
+    for g in groups:
+        if isinstance(g, TrainingArguments):
+            default = PreftuneTrainingArguments()
+            for f in dataclasses.fields(PreftuneTrainingArguments):
+                if not f.init or f.name.startswith("_"):
+                    continue
+                value = getattr(g, f.name)
+                if f.name == "gradient_checkpointing":  # deprecated alias of activation_checkpointing
+                    continue
+                if value != getattr(default, f.name) or f.name == "output_dir":
+                    out[f.name] = _plain(value)
+        else:
+            for f in dataclasses.fields(g):
+                if f.init and not f.name.startswith("_"):
+                    out[f.name] = _plain(getattr(g, f.name))
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,158 @@
+"""The preference trainer: :class:`transformers.Trainer` with preftune's engine and losses.
+
+Everything about the training loop (optimiser, schedulers, gradient accumulation, checkpoints
+and ``resume_from_checkpoint``, ``report_to``, DeepSpeed/FSDP through accelerate) is the
+Trainer's. This module adds only what is specific to preference optimisation:
+
+* the collator that lays out pairs for the engine (:func:`preftune.engine.layout.collate_pairs`);
+* ``compute_loss``: one decoder pass for chosen and rejected (:func:`sequence_logps`), reference
+  log-probs from the batch (precomputed) or from the reference policy, and the loss from the
+  name → function table (:func:`preftune.losses.compute_loss`);
+* metrics with TRL's names, averaged over the logging window and written to ``log_history``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from preftune.config import EngineArguments, LossArguments
+from preftune.engine.layout import collate_pairs
+from preftune.engine.logprobs import sequence_logps
+from preftune.losses import compute_loss as loss_from_table
+from preftune.types import PolicyLogps, TokenizedPair
+
+
+class PairDataset(Dataset):
+    """A list of :class:`TokenizedPair` as a torch ``Dataset`` (items are the pairs themselves)."""
+
+    def __init__(self, pairs: list[TokenizedPair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> TokenizedPair:
+        return self.pairs[i]
+
+
+class PairCollator:
+    """Collate :class:`TokenizedPair` items with the engine's layout switches."""
+
+    def __init__(self, engine_args: EngineArguments, pad_token_id: int):
+        self.engine_args = engine_args
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        e = self.engine_args
+        return collate_pairs(pairs, share_prompt=e.share_prompt, padding_free=e.padding_free,
+                             max_tokens_per_batch=e.max_tokens_per_batch, pad_token_id=self.pad_token_id)
+
+
+def preference_metrics(logps: PolicyLogps, out) -> dict[str, torch.Tensor]:
+    """Batch-mean metrics with TRL's names from a :class:`LossOutput` (detached scalars)."""
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).float().mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+    }
+    metrics.update({k: v.detach().float() for k, v in out.metrics.items()})
+    return metrics
+
+
+class PreferenceTrainer(Trainer):
+    """``transformers.Trainer`` for preference pairs.
+
+    Args:
+        loss_args: which loss (:class:`LossArguments`).
+        engine_args: the engine's layout switches (:class:`EngineArguments`).
+        reference_context: a zero-argument callable returning a context manager under which
+            ``model`` computes the reference policy (LoRA adapters disabled, or the starting
+            adapter); used by the DPO family when the batch carries no precomputed reference
+            log-probs. ``ref_model``: a separate frozen reference model instead.
+        Other arguments are the Trainer's; ``train_dataset`` / ``eval_dataset`` are lists of
+        :class:`TokenizedPair` (or :class:`PairDataset`).
+    """
+
+    def __init__(self, *args, loss_args: LossArguments, engine_args: EngineArguments,
+                 reference_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                 ref_model: Optional[torch.nn.Module] = None, pad_token_id: int = 0, **kwargs):
+        for key in ("train_dataset", "eval_dataset"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = PairDataset(kwargs[key])
+        kwargs.setdefault("data_collator", PairCollator(engine_args, pad_token_id))
+        super().__init__(*args, **kwargs)
+        self.loss_args = loss_args
+        self.engine_args = engine_args
+        self.reference_context = reference_context
+        self.ref_model = ref_model
+        self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.logical_tokens_seen = 0
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, PairDataset):
+            lengths = [p.num_tokens_unique for p in dataset.pairs]
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def _reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                ref = sequence_logps(self.ref_model, batch, self.engine_args.logprob_chunk_size)
+            elif self.reference_context is not None:
+                with self.reference_context():
+                    ref = sequence_logps(model, batch, self.engine_args.logprob_chunk_size)
+            else:
+                raise RuntimeError(
+                    f"--loss {self.loss_args.loss} needs reference log-probs: use LoRA (--use_peft), "
+                    "--precompute_ref_log_probs, or give a reference model")
+        return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+
+    def batch_loss_and_metrics(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss (scalar) and metrics of one laid-out batch."""
+        logps = sequence_logps(model, batch, self.engine_args.logprob_chunk_size)
+        if self.loss_args.needs_reference and logps.ref_chosen_logps is None:
+            logps.ref_chosen_logps, logps.ref_rejected_logps = self._reference_logps(model, batch)
+        out = loss_from_table(logps, self.loss_args)
+        return out.losses.mean(), preference_metrics(logps, out)
+
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        loss, metrics = self.batch_loss_and_metrics(model, inputs)
+        if model.training:
+            self.logical_tokens_seen += int(inputs["num_logical_tokens"])
+        self._store(metrics, "train" if model.training else "eval")
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, metrics = self.batch_loss_and_metrics(model, inputs)
+        self._store(metrics, "eval")
+        return loss.detach(), None, None
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def _store(self, metrics: dict[str, torch.Tensor], split: str) -> None:
+        for key, value in metrics.items():
+            self._stored_metrics[split][key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._stored_metrics[split].items():
+            logs[prefix + key] = sum(values) / len(values)
+        self._stored_metrics.pop(split, None)
+        if split == "train":
+            logs["logical_tokens_seen"] = self.logical_tokens_seen
+        super().log(logs, start_time)
