@@ -121,6 +121,47 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert pm.model_cache_root(ModelArguments()) == Path("~/.cache/preftune").expanduser()
 
 
+def test_find_gguf_in_directories(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "m.gguf").write_bytes(b"x")
+    assert pm._find_gguf(str(tmp_path / "one")) == tmp_path / "one" / "m.gguf"
+    (tmp_path / "one" / "n.gguf").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="2 .gguf files"):
+        pm._find_gguf(str(tmp_path / "one"))
+    (tmp_path / "one" / "config.json").write_text("{}")  # a transformers directory wins
+    assert pm._find_gguf(str(tmp_path / "one")) is None
+    assert pm._find_gguf("some-org/some-model") is None
+
+
+def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not really gguf")
+    root = tmp_path / "cache"
+    calls = []
+
+    def broken(src, target, trust):
+        calls.append(target)
+        (target / "config.json").write_text("{}")  # half-written entry
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pm, "_convert_gguf", broken)
+    with pytest.raises(KeyboardInterrupt):
+        pm.ensure_gguf_converted(gguf, root)
+    assert list((root / "gguf").iterdir()) == []  # neither the entry nor the temp dir
+    assert calls[0].parent == root / "gguf" and calls[0] != gguf_cache_dir(gguf, root)
+
+    def working(src, target, trust):
+        calls.append(target)
+        (target / "config.json").write_text("{}")
+        (target / pm._CACHE_MARKER).write_text("{}")
+
+    monkeypatch.setattr(pm, "_convert_gguf", working)
+    entry = pm.ensure_gguf_converted(gguf, root)
+    assert entry == gguf_cache_dir(gguf, root) and (entry / "config.json").is_file()
+    assert list((root / "gguf").iterdir()) == [entry]
+    assert pm.ensure_gguf_converted(gguf, root) == entry and len(calls) == 2  # cached: no third call
+
+
 def test_missing_gguf_file_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         load_model(ModelArguments(model_name_or_path=str(tmp_path / "nope.gguf")))
@@ -167,6 +208,10 @@ def test_load_model_and_tokenizer_with_lora(tiny_dir):
     assert sum("lora_A" in n for n in trainable) == 2 * 7
     assert not any("lm_head" in n for n in trainable)
     assert model.get_base_model().generation_config.pad_token_id == tok.pad_token_id
+    with pytest.raises(ModelLoadError, match="all-linear cannot be combined"):
+        apply_peft(tiny_llama(), PeftArguments(use_peft=True, lora_target_modules=["all-linear", "q_proj"]))
+    with pytest.raises(ModelLoadError, match="already has peft adapters"):
+        apply_peft(model, PeftArguments(use_peft=True))
 
 
 def _gguf_marked_tiny_llama():

@@ -9,8 +9,8 @@ win. An unknown flag or YAML key is an error that suggests the closest valid nam
 from __future__ import annotations
 
 import dataclasses
-import enum
 import difflib
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,14 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from preftune.config import ConfigError, DataArguments, EngineArguments, LossArguments, ModelArguments, PeftArguments
+from preftune.config import (
+    ConfigError,
+    DataArguments,
+    EngineArguments,
+    LossArguments,
+    ModelArguments,
+    PeftArguments,
+)
 
 
 @dataclass
