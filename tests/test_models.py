@@ -208,6 +208,8 @@ def test_load_model_and_tokenizer_with_lora(tiny_dir):
     assert sum("lora_A" in n for n in trainable) == 2 * 7
     assert not any("lm_head" in n for n in trainable)
     assert model.get_base_model().generation_config.pad_token_id == tok.pad_token_id
+    infer, _ = pm.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)), training=False)
+    assert not infer.training and infer.config.use_cache and not any(p.requires_grad for p in infer.parameters())
     with pytest.raises(ModelLoadError, match="all-linear cannot be combined"):
         apply_peft(tiny_llama(), PeftArguments(use_peft=True, lora_target_modules=["all-linear", "q_proj"]))
     with pytest.raises(ModelLoadError, match="already has peft adapters"):

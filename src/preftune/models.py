@@ -299,10 +299,11 @@ def load_reference_model(model_args: ModelArguments):
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[PeftArguments] = None, *,
-                             with_reference_adapter: bool = False):
+                             with_reference_adapter: bool = False, training: bool = True):
     """Load model + tokenizer and, if ``peft_args.use_peft``, wrap the model with LoRA.
 
     Args:
+        training: passed to :func:`load_model`; False for inference (eval mode, frozen, KV cache on).
         with_reference_adapter: when continuing an adapter (``peft_model_id``), also load it a second
             time, frozen, as the "reference" adapter (see :func:`preftune.peft_utils.reference_context`).
 
@@ -314,7 +315,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[Pef
 
     peft_args = peft_args or PeftArguments()
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, training=True, load_in_4bit=peft_args.load_in_4bit)
+    model = load_model(model_args, training=training, load_in_4bit=peft_args.load_in_4bit)
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
