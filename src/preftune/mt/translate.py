@@ -49,7 +49,8 @@ def load_translation_model(model: str | None, adapter: str | None = None, dtype:
     from preftune.models import load_model_and_tokenizer
 
     peft_args = PeftArguments(peft_model_id=adapter) if adapter else PeftArguments()
-    lm, tok = load_model_and_tokenizer(ModelArguments(model_name_or_path=model, dtype=dtype), peft_args)
+    lm, tok = load_model_and_tokenizer(ModelArguments(model_name_or_path=model, dtype=dtype), peft_args,
+                                       training=False)
     if adapter:
         lm = lm.merge_and_unload()
     lm.eval()
