@@ -93,3 +93,27 @@ def test_chat_style_prompt_and_candidates(tiny_model_dir, test_json, tmp_path):
     assert t0["candidates"] == ["sysA", "self-0", "self-1"] and t0["scorers"] == ["chrf", "mbr_chrf"]
     assert t0["ref_en_chrf"] == 100.0 and t0["sysA_en"] == "something else"
     assert recs[1]["translation"]["sysA_en_chrf"] == 100.0  # identical to the reference
+
+
+def test_translate_with_adapter(tiny_model_dir, test_json, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    adapter = tmp_path / "my-adapter"
+    peft_model.save_pretrained(adapter)
+    out = tmp_path / "out"
+    common = ["translate", "--pair", "de-en", "--input", str(test_json), "--model", str(tiny_model_dir),
+              "--out_dir", str(out), "--max_new_tokens", "6", "--no_progress"]
+    assert main(common + ["--adapter", str(adapter)]) == 0
+    assert main(common + ["--name", "base"]) == 0
+    with_adapter = (out / "my-adapter" / "deen" / "test.de-en.en").read_text().splitlines()
+    base = (out / "base" / "deen" / "test.de-en.en").read_text().splitlines()
+    assert len(with_adapter) == len(base) == len(SOURCES)
+    assert with_adapter != base  # the adapter changes the model
