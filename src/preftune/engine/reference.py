@@ -4,7 +4,7 @@ The DPO family compares the policy with a frozen reference policy. Its log-probs
 during training, so one pass over the data (LoRA adapters disabled or the starting adapter, or
 a separate reference model) gives them for every pair; they are stored on the pairs
 (``TokenizedPair.ref_*``), travel in the batch, and no reference forward runs during training.
-The values are cached under ``<cache_dir>/ref_logps/<sha256>.pt``, keyed by the model identity,
+The values are cached under ``<cache_dir>/<sha256>.pt`` (:func:`default_cache_dir`), keyed by the model identity,
 the token ids of every pair and the engine settings that could change the numbers, so a later
 run or ``preftune evaluate`` on the same data reuses them.
 """
@@ -29,8 +29,10 @@ logger = logging.getLogger("preftune.engine")
 
 
 def default_cache_dir() -> Path:
-    """``$PREFTUNE_CACHE`` or ``~/.cache/preftune``."""
-    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+    """``$PREFTUNE_REF_CACHE``, else ``$PREFTUNE_CACHE/ref_logps``, else ``~/.cache/preftune/ref_logps``."""
+    if os.environ.get("PREFTUNE_REF_CACHE"):
+        return Path(os.environ["PREFTUNE_REF_CACHE"])
+    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune")) / "ref_logps"
 
 
 def reference_cache_key(model_key: str, pairs: list[TokenizedPair]) -> str:
@@ -92,7 +94,7 @@ def attach_reference_logps(
     """
     if not pairs:
         return "computed"
-    cache = (cache_dir or default_cache_dir()) / "ref_logps"
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"{reference_cache_key(model_key, pairs)}.pt"
     source = "computed"
     values = None
