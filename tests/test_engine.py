@@ -98,3 +98,36 @@ def test_token_logps_chunked_equals_full_and_keeps_no_logits():
 def test_empty_prompt_rejected():
     with pytest.raises(ValueError, match="empty prompt"):
         collate_pairs([TokenizedPair([], [1], [2])])
+
+
+LOSS_CONFIGS = [("cpo", {}), ("cpo", {"cpo_loss_type": "hinge"}), ("cpo", {"cpo_loss_type": "ipo"}),
+                ("simpo", {}), ("cpo-simpo", {}), ("orpo", {}), ("dpo", {}), ("dpo", {"dpo_loss_type": "ipo"}),
+                ("dpo", {"dpo_loss_type": "hinge"}), ("dpo", {"dpo_loss_type": "robust", "label_smoothing": 0.1}),
+                ("dpo", {"rpo_alpha": 1.0}), ("sft", {})]
+
+
+@pytest.mark.parametrize("loss,extra", LOSS_CONFIGS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_every_loss_same_on_every_layout(make_tiny_llama, loss, extra):
+    """Loss value (rel 1e-5) and parameter gradients agree between the plain padded path and every other layout."""
+    from preftune.config import LossArguments
+    from preftune.losses import compute_loss
+
+    args = LossArguments(loss=loss, **extra)
+    model = make_tiny_llama(tie=True)
+    pairs = random_pairs(4, 96, seed=7)
+    gen = torch.Generator().manual_seed(0)
+    ref = (-torch.rand(4, generator=gen) * 20, -torch.rand(4, generator=gen) * 20)
+    results = []
+    for share_prompt, padding_free in LAYOUTS:
+        model.zero_grad()
+        batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free)
+        logps = sequence_logps(model, batch, chunk_size=5)
+        logps.ref_chosen_logps, logps.ref_rejected_logps = ref
+        value = compute_loss(logps, args).losses.mean()
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
+    base_loss, base_grads = results[0]
+    for value, grads in results[1:]:
+        torch.testing.assert_close(value, base_loss, rtol=1e-5, atol=1e-6)
+        for g, g0 in zip(grads, base_grads):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5)
