@@ -143,7 +143,12 @@ def run(groups: tuple) -> dict[str, float]:
     r = setup(groups)
     metrics = train(r)
     if r.trainer.eval_dataset is not None:
-        eval_metrics = r.trainer.evaluate()
+        state = r.trainer.state
+        last = [h for h in state.log_history if "eval_loss" in h]
+        if last and last[-1].get("step") == state.global_step:  # evaluated at the last step already
+            eval_metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+        else:
+            eval_metrics = r.trainer.evaluate()
         r.trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     save(r, metrics)
