@@ -144,6 +144,22 @@ def trl_step(trainer, batch) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {k: float(v) for k, v in metrics.items()}
 
 
+def layout(pairs: list[TokenizedPair], *, share_prompt: bool, padding_free: bool,
+           pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """``collate_pairs`` with a packing budget of twice the longest unit, so that padding-free
+    rows really hold several units (asserted)."""
+    if share_prompt:
+        longest = max(p.num_tokens_unique for p in pairs)
+    else:
+        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    budget = 2 * longest
+    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free,
+                          max_tokens_per_batch=budget, pad_token_id=pad_token_id)
+    if padding_free:
+        assert int(batch["segment_ids"].max()) >= 1, "padding-free layout packed no row with two units"
+    return batch
+
+
 def preftune_step(model, pairs: list[TokenizedPair], loss_args: LossArguments, *, share_prompt: bool,
                   padding_free: bool, ref_model: Optional[torch.nn.Module] = None,
                   chunk_size: int = 16) -> tuple[torch.Tensor, dict[str, float]]:
@@ -152,8 +168,7 @@ def preftune_step(model, pairs: list[TokenizedPair], loss_args: LossArguments, *
     Reference log-probs come from the pairs (precomputed) or from ``ref_model`` in the same layout.
     ``chunk_size`` is small on purpose: the chunked LM head runs several chunks (~70 targets).
     """
-    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free,
-                          max_tokens_per_batch=None)
+    batch = layout(pairs, share_prompt=share_prompt, padding_free=padding_free)
     model.train()
     logps = sequence_logps(model, batch, chunk_size)
     if loss_args.needs_reference and logps.ref_chosen_logps is None:
