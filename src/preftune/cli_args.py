@@ -43,6 +43,13 @@ class PreftuneTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=5e-6, metadata={"help": "Initial AdamW learning rate."})
     save_only_model: bool = field(default=False, metadata={"help": "Skip optimizer state in checkpoints."})
 
+    def __post_init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; silences a warning per epoch
+        super().__post_init__()
+
 
 TRAIN_GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments,
                 PreftuneTrainingArguments)
