@@ -162,11 +162,11 @@ def layout(pairs: list[TokenizedPair], *, share_prompt: bool, padding_free: bool
 
 def preftune_step(model, pairs: list[TokenizedPair], loss_args: LossArguments, *, share_prompt: bool,
                   padding_free: bool, ref_model: Optional[torch.nn.Module] = None,
-                  chunk_size: int = 16) -> tuple[torch.Tensor, dict[str, float]]:
+                  chunk_size: int = 32) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss and metrics of preftune's engine + losses on ``pairs`` in one layout.
 
     Reference log-probs come from the pairs (precomputed) or from ``ref_model`` in the same layout.
-    ``chunk_size`` is small on purpose: the chunked LM head runs several chunks (~70 targets).
+    ``chunk_size`` is small on purpose: the chunked LM head runs 2 chunks (~50 targets per batch).
     """
     batch = layout(pairs, share_prompt=share_prompt, padding_free=padding_free)
     model.train()
