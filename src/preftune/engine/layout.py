@@ -184,3 +184,28 @@ def build_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, *,
         zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
         return torch.where(mask, zero, torch.finfo(additive_dtype).min)
     return mask
+
+
+def build_block_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """The packed mask of :func:`build_attention_mask` as a FlexAttention ``BlockMask``.
+
+    Same rule (causal, same unit, prompt or own branch; padding sees itself), evaluated blockwise
+    by ``torch.nn.attention.flex_attention.create_block_mask``, so fully masked blocks (other
+    units of a packed row, chosen↔rejected) are skipped instead of computed and discarded.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, t = segment_ids.shape
+    return create_block_mask(make_mask_mod(segment_ids, branch_ids), rows, None, t, t, device=segment_ids.device)
+
+
+def make_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """FlexAttention ``mask_mod(b, h, q, k) -> bool`` of the packed rule (see :func:`build_attention_mask`)."""
+    seg, br = segment_ids, branch_ids
+
+    def mask_mod(b, h, q, k):
+        same = (seg[b, q] == seg[b, k]) & (seg[b, k] >= 0)
+        visible = (br[b, k] == SHARED) | (br[b, k] == br[b, q])
+        return ((k <= q) & same & visible) | ((q == k) & (seg[b, q] < 0))
+
+    return mask_mod

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from preftune.engine.layout import build_attention_mask
+from preftune.engine.layout import build_attention_mask, build_block_mask
 from preftune.types import PolicyLogps
 
 
@@ -61,9 +61,36 @@ def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
     return torch.cat(out)
 
 
-def _uses_additive_mask(model: nn.Module) -> bool:
+def _attn_implementation(model: nn.Module) -> str:
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", "sdpa") == "eager"
+    return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``attention_mask`` / ``position_ids`` for the decoder, by attention kernel.
+
+    * unpacked rows: the 2-D padding mask (every kernel's fast causal path);
+    * packed, sdpa: boolean 4-D mask; eager: additive 4-D mask;
+    * packed, flex_attention: a ``BlockMask`` (masked blocks skipped);
+    * packed, flash_attention_*: no mask, restarted ``position_ids`` (the kernel's varlen path).
+      Flash kernels cannot express the shared-prompt mask: raises ``ValueError`` for a
+      shared-prompt batch (use ``--share_prompt false`` or sdpa / flex_attention).
+    """
+    packed = bool(batch["packed"])
+    impl = _attn_implementation(model)
+    if not packed:
+        return {"attention_mask": build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=False)}
+    if impl.startswith("flash"):
+        if bool((batch["branch_ids"] != 0).any()):
+            raise ValueError(f"--share_prompt needs an attention kernel that takes a custom mask (sdpa, eager, "
+                             f"flex_attention); {impl} does not. Use --share_prompt false with {impl}.")
+        return {"attention_mask": None, "position_ids": batch["position_ids"]}
+    if impl == "flex_attention":
+        mask = build_block_mask(batch["segment_ids"], batch["branch_ids"])
+    else:
+        dtype = next(model.parameters()).dtype if impl == "eager" else None
+        mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=True, additive_dtype=dtype)
+    return {"attention_mask": mask, "position_ids": batch["position_ids"]}
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> PolicyLogps:
@@ -74,14 +101,8 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     batch's precomputed reference log-probs when present.
     """
     decoder, head = decoder_and_head(model)
-    packed = bool(batch["packed"])
-    param = next(model.parameters())
-    mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=packed,
-                                additive_dtype=param.dtype if (packed and _uses_additive_mask(model)) else None)
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False}
-    if packed:
-        kwargs["position_ids"] = batch["position_ids"]
-    hidden = decoder(**kwargs).last_hidden_state
+    kwargs = attention_inputs(model, batch)
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
     logps = token_logps(head, flat, batch["target_ids"], chunk_size)
     num_pairs = int(batch["num_pairs"])
