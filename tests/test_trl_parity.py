@@ -46,12 +46,15 @@ GRAD_CASES = {"cpo-sigmoid", "dpo-sigmoid"}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(request):
+    """SmolLM2's tokenizer. Reading it from the GGUF takes seconds, so a copy is kept in pytest's
+    cache directory (when the cache plugin is on) and reused by later runs."""
     from datasets.utils import logging as datasets_logging
 
     enabled = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # TRL maps 4 rows several times per trainer
-    yield H.load_tokenizer()
+    cache = getattr(request.config, "cache", None)
+    yield H.load_tokenizer(cache.mkdir("preftune-smollm2-tokenizer") if cache is not None else None)
     if enabled:
         datasets_logging.enable_progress_bar()
 

