@@ -173,3 +173,34 @@ def test_save_writes_resolved_config(tiny_model_dir, tmp_path):
     save(run, train(run))
     text = (tmp_path / "s" / "preftune_config.yaml").read_text()
     assert "loss: cpo" in text and "max_steps: 1" in text and f"model_name_or_path: {tiny_model_dir}" in text
+
+
+@pytest.mark.parametrize("precompute", ["true", "false"])
+def test_dpo_continuing_adapter_uses_its_start_as_reference(tiny_model_dir, tmp_path, monkeypatch, precompute):
+    """With --peft_model_id the DPO reference is that adapter as loaded, not the bare base model:
+    at the first step policy == reference, so every reward is 0 (adapter dropout 0: with dropout the
+    training forward is stochastic and differs from the reference by construction)."""
+    monkeypatch.setenv("PREFTUNE_REF_CACHE", str(tmp_path / "ref-cache"))
+    first = tmp_path / "first"
+    assert main(["train", *base_flags(tiny_model_dir, first, "--loss", "sft", "--max_steps", "3",
+                                      "--learning_rate", "5e-2", "--lora_dropout", "0")]) == 0
+    out = tmp_path / "dpo"
+    assert main(["train", *base_flags(tiny_model_dir, out, "--loss", "dpo", "--max_steps", "2",
+                                      "--peft_model_id", str(first), "--precompute_ref_log_probs", precompute)]) == 0
+    logs = [h for h in log_history(out) if "loss" in h]
+    assert logs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert logs[0]["rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
+    # the continued adapter really differs from the base model: evaluated with DPO against the base
+    # (adapter disabled) its rewards are far from 0
+    assert main(["evaluate", "--model", tiny_model_dir, "--adapter", str(first), "--loss", "dpo",
+                 "--max_length", "256", "--max_prompt_length", "128", "--output_json", str(tmp_path / "e.json")]) == 0
+    assert abs(json.loads((tmp_path / "e.json").read_text())["rewards/chosen"]) > 0.05
+    saved = load_file(out / "adapter_model.safetensors")
+    assert not any("reference" in k for k in saved)
+
+
+def test_group_by_length_sampler_on_padded_path(tiny_model_dir, tmp_path):
+    out = tmp_path / "gbl"
+    assert main(["train", *base_flags(tiny_model_dir, out, "--max_steps", "2", "--share_prompt", "false",
+                                      "--padding_free", "false", "--train_sampling_strategy", "group_by_length")]) == 0
+    assert len([h for h in log_history(out) if "loss" in h]) == 2

@@ -64,8 +64,11 @@ def setup(groups: tuple) -> Run:
 
     model_args, peft_args, data_args, loss_args, engine_args, training_args = groups
     set_seed(training_args.seed)
+    # continuing an adapter: its starting state is the DPO reference, kept as a frozen second adapter
+    # (only needed when the reference is computed during training, not when precomputed once)
+    live_reference = loss_args.needs_reference and not engine_args.precompute_ref_log_probs
     model, tokenizer = load_model_and_tokenizer(model_args, peft_args,
-                                                with_reference_adapter=bool(peft_args.peft_model_id))
+                                                with_reference_adapter=bool(peft_args.peft_model_id) and live_reference)
     if getattr(training_args, "gradient_checkpointing", False) and peft_args.use_peft:
         from preftune.models import prepare_for_gradient_checkpointing
 
@@ -77,9 +80,11 @@ def setup(groups: tuple) -> Run:
         if peft_args.use_peft:
             ref_ctx = functools.partial(reference_context, model)
         if engine_args.precompute_ref_log_probs:
+            # computed before any update, so the model as loaded *is* the reference: a continued
+            # adapter as loaded, or (fresh LoRA) the base model, which adapters-off computes exactly
             pairs = data.train + (data.eval or [])
             attach_reference_logps(model, pairs, model_key=model_identity(model_args, peft_args),
-                                   reference_context=ref_ctx, batch_size=training_args.per_device_eval_batch_size,
+                                   reference_context=None if peft_args.peft_model_id else ref_ctx, batch_size=training_args.per_device_eval_batch_size,
                                    chunk_size=engine_args.logprob_chunk_size)
         elif not peft_args.use_peft:
             ref_model = load_reference_model(model_args)
