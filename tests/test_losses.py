@@ -43,6 +43,8 @@ def _naive(loss, loss_type, hp, c, r, lc, lr, rc=None, rr=None):
     n = len(c)
     total_chosen_tokens = sum(float(x) for x in lc)
     nll = -sum(c[i] for i in range(n)) / total_chosen_tokens  # token-mean over the batch
+    if loss == "orpo":  # ORPO paper Eq. 2 + 6: per-sequence mean NLL, averaged over examples
+        nll = -sum(c[i] / lc[i] for i in range(n)) / n
     terms, cw, rw, used_c, used_r, extra = [], [], [], [], [], defaultdict(float)
     for i in range(n):
         if loss == "cpo":
@@ -446,7 +448,7 @@ def test_trl_orpo_odds_ratio_loss():
     ns = SimpleNamespace(beta=0.25, accelerator=ACCEL)
     trl_losses, trl_cw, trl_rw, trl_ratio, trl_log_odds = ORPOTrainer.odds_ratio_loss(ns, c / lc, r / lr)
     out = L.orpo_loss(PolicyLogps(c, r, lc, lr), beta=0.25)
-    nll = L.chosen_nll(c, lc)
+    nll = -c / lc  # preftune's ORPO NLL: per-sequence mean (paper Eq. 2); the odds-ratio term is TRL's
     torch.testing.assert_close(out.losses, nll - trl_losses, rtol=0, atol=1e-6)  # TRL: nll - beta*ratio
     torch.testing.assert_close(out.chosen_rewards, trl_cw, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.rejected_rewards, trl_rw, rtol=0, atol=1e-6)

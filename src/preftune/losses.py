@@ -334,12 +334,13 @@ def orpo_loss(logps: PolicyLogps, *, beta: float = 0.1, label_smoothing: float =
     metrics as TRL names them: ``log_odds_ratio`` = mean ``log sigmoid(log_odds)``,
     ``log_odds_chosen`` = mean ``log_odds``; ``logps/*`` log ``a_*``.
 
-    NLL coverage: TRL 1.16 (like the ORPO reference code) takes the NLL over the *prompt and*
-    chosen completion (all attended tokens but the first). ``PolicyLogps`` holds completion
-    sums only, so by default the NLL covers the chosen completion tokens (the paper's L_SFT
-    on the response, the reference code's ``disable_prompt_loss``). Pass ``nll_logps`` /
-    ``nll_lengths`` ``(B,)`` (summed log-probs and token counts over whatever tokens the NLL
-    should cover, e.g. prompt + completion) to reproduce TRL's value exactly.
+    NLL term (the paper's Eq. 2 and 6): ``nll_i = -logps_c / lengths_c``, the per-token mean NLL
+    of each chosen *response* given its prompt, averaged over the examples. TRL 1.16 differs
+    twice, on purpose or not: its NLL covers the *prompt and* the chosen completion (all
+    attended tokens but the first), and it is a token-mean over the whole batch. preftune
+    follows the paper (and never computes prompt-position logits). Pass ``nll_logps`` /
+    ``nll_lengths`` ``(B,)`` (summed log-probs and token counts over prompt + completion) to
+    reproduce TRL's value exactly: that path uses TRL's batch token-mean (:func:`chosen_nll`).
 
     An average log-prob of exactly 0 (probability 1) makes ``log_odds`` infinite, as in TRL.
 
@@ -363,7 +364,7 @@ def orpo_loss(logps: PolicyLogps, *, beta: float = 0.1, label_smoothing: float =
     if (nll_logps is None) != (nll_lengths is None):
         raise ValueError(f"{_WHERE}: orpo needs both nll_logps and nll_lengths, or neither")
     if nll_logps is None:
-        nll = chosen_nll(b.chosen, b.chosen_lengths)
+        nll = -chosen  # per-sequence mean NLL of the response (paper Eq. 2)
     else:
         for name, t in (("nll_logps", nll_logps), ("nll_lengths", nll_lengths)):
             if not isinstance(t, torch.Tensor) or t.shape != b.chosen.shape:

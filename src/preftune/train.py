@@ -83,9 +83,12 @@ def setup(groups: tuple) -> Run:
             # computed before any update, so the model as loaded *is* the reference: a continued
             # adapter as loaded, or (fresh LoRA) the base model, which adapters-off computes exactly
             pairs = data.train + (data.eval or [])
-            attach_reference_logps(model, pairs, model_key=model_identity(model_args, peft_args),
-                                   reference_context=None if peft_args.peft_model_id else ref_ctx, batch_size=training_args.per_device_eval_batch_size,
-                                   chunk_size=engine_args.logprob_chunk_size)
+            with _mixed_precision(model, training_args):  # same numerics as the training forward
+                amp = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "none"
+                attach_reference_logps(model, pairs, model_key=f"{model_identity(model_args, peft_args)}|amp={amp}",
+                                       reference_context=None if peft_args.peft_model_id else ref_ctx,
+                                       batch_size=training_args.per_device_eval_batch_size,
+                                       chunk_size=engine_args.logprob_chunk_size)
         elif not peft_args.use_peft:
             ref_model = load_reference_model(model_args)
 
@@ -94,6 +97,18 @@ def setup(groups: tuple) -> Run:
         processing_class=tokenizer, loss_args=loss_args, engine_args=engine_args,
         reference_context=ref_ctx, ref_model=ref_model, pad_token_id=tokenizer.pad_token_id or 0)
     return Run(groups, model, tokenizer, trainer, data.report)
+
+
+def _mixed_precision(model, training_args):
+    """``torch.autocast`` matching ``--bf16`` / ``--fp16`` (a null context in float32)."""
+    import contextlib
+
+    import torch
+
+    if not (training_args.bf16 or training_args.fp16):
+        return contextlib.nullcontext()
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if training_args.bf16 else torch.float16)
 
 
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:

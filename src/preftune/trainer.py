@@ -107,6 +107,16 @@ class PreferenceTrainer(Trainer):
                                         lengths=lengths)
         return super()._get_train_sampler(train_dataset)
 
+    def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True):
+        """Mixed precision (``--bf16`` / ``--fp16``) around the whole loss computation.
+
+        accelerate applies autocast by wrapping ``model.forward``; the engine calls the decoder and
+        the LM head directly, so the autocast context is entered here instead.
+        """
+        if self.args.bf16 or self.args.fp16:
+            return self.accelerator.autocast()
+        return contextlib.nullcontext()
+
     # ---- loss -----------------------------------------------------------------------------------
     def _reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
