@@ -15,25 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from preftune.engine.layout import build_attention_mask, build_block_mask
+from preftune.models import get_decoder_and_head
 from preftune.types import PolicyLogps
-
-
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Return ``(decoder, lm_head)`` of a causal LM, possibly wrapped by peft.
-
-    ``decoder(input_ids=…, attention_mask=…, position_ids=…)`` gives ``last_hidden_state``
-    ``(rows, T, H)``; ``lm_head`` maps ``(…, H)`` to logits ``(…, V)`` (LoRA-wrapped or tied to the
-    input embeddings as the model has it). Raises ``TypeError`` for a model without them.
-    """
-    inner = model
-    # peft: PeftModel -> LoraModel -> the transformers model (layers patched in place)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if decoder is None or head is None:
-        raise TypeError(f"{type(inner).__name__} has no decoder / output embeddings; preftune needs a causal LM")
-    return decoder, head
 
 
 def _chunk_token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,7 +84,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     Returns :class:`PolicyLogps` with ``(B,)`` float32 sums (nats) and token counts, plus the
     batch's precomputed reference log-probs when present.
     """
-    decoder, head = decoder_and_head(model)
+    decoder, head = get_decoder_and_head(model)
     kwargs = attention_inputs(model, batch)
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
