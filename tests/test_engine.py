@@ -173,3 +173,12 @@ def test_flash_attention_refuses_shared_prompt_mask(make_tiny_llama):
     packed = collate_pairs(random_pairs(4, 96), share_prompt=False, padding_free=True, max_tokens_per_batch=64)
     kwargs = attention_inputs(model, packed)
     assert kwargs["attention_mask"] is None and kwargs["position_ids"].shape == packed["input_ids"].shape
+
+
+def test_auto_chunk_size_bounds_block_memory():
+    from preftune.engine.logprobs import LOGITS_PER_CHUNK, auto_chunk_size
+
+    for vocab in (32_000, 49_152, 128_000, 256_000):
+        rows = auto_chunk_size(vocab)
+        assert rows * vocab <= LOGITS_PER_CHUNK and (rows + 1) * vocab > LOGITS_PER_CHUNK
+    assert auto_chunk_size(10**9) == 16

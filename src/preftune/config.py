@@ -177,13 +177,14 @@ class EngineArguments:
         default=True, metadata={"help": "Pack several pairs per row up to --max_tokens_per_batch; no padding."})
     max_tokens_per_batch: Optional[int] = field(
         default=None, metadata={"help": "Token budget per packed row (default: the longest pair in the batch)."})
-    logprob_chunk_size: int = field(
-        default=1024, metadata={"help": "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block."})
+    logprob_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block. "
+                                "Default: auto, about 2^25 logits per block (682 rows at V=49k)."})
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk)."})
 
     def __post_init__(self) -> None:
-        if self.logprob_chunk_size <= 0:
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size <= 0:
             raise ConfigError(f"--logprob_chunk_size must be > 0, got {self.logprob_chunk_size}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
             raise ConfigError(f"--max_tokens_per_batch must be > 0, got {self.max_tokens_per_batch}")

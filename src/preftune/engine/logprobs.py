@@ -10,6 +10,8 @@ memory holds one block instead of ``(B, T, V)``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -26,14 +28,26 @@ def _chunk_token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+LOGITS_PER_CHUNK = 2 ** 25  # 128 MiB of float32 logits per block
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Rows per LM-head chunk so that one ``(rows, V)`` float32 block holds about 2^25 logits
+    (128 MiB): the block's memory no longer grows with the vocabulary. At least 16 rows."""
+    return max(16, LOGITS_PER_CHUNK // max(1, int(vocab_size)))
+
+
+def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Log-probabilities ``log softmax(head(hidden))[target]`` of ``M`` tokens, ``(M,)`` float32.
 
-    ``hidden``: ``(M, H)``; ``targets``: ``(M,)`` int64. Computed ``chunk_size`` rows at a time;
-    with grad enabled each chunk is checkpointed (logits recomputed in the backward).
+    ``hidden``: ``(M, H)``; ``targets``: ``(M,)`` int64. Computed ``chunk_size`` rows at a time
+    (None: :func:`auto_chunk_size` of the head's vocabulary); with grad enabled each chunk is
+    checkpointed (logits recomputed in the backward).
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(getattr(head, "out_features", None) or head.weight.shape[0])
     use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -77,7 +91,7 @@ def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[s
     return {"attention_mask": mask, "position_ids": batch["position_ids"]}
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> PolicyLogps:
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: Optional[int] = None) -> PolicyLogps:
     """Run the decoder over a laid-out batch and sum log-probs per sequence.
 
     ``batch`` comes from :func:`preftune.engine.layout.collate_pairs` (on the model's device).

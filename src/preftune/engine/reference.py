@@ -51,7 +51,7 @@ def compute_reference_logps(
     *,
     reference_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     batch_size: int = 8,
-    chunk_size: int = 1024,
+    chunk_size: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reference log-probs of chosen and rejected, ``(N,)`` float64 each (nats).
@@ -85,7 +85,7 @@ def attach_reference_logps(
     reference_context: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     cache_dir: Optional[Path] = None,
     batch_size: int = 8,
-    chunk_size: int = 1024,
+    chunk_size: Optional[int] = None,
 ) -> str:
     """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair, from the cache or computed.
 
