@@ -204,3 +204,20 @@ def test_group_by_length_sampler_on_padded_path(tiny_model_dir, tmp_path):
     assert main(["train", *base_flags(tiny_model_dir, out, "--max_steps", "2", "--share_prompt", "false",
                                       "--padding_free", "false", "--train_sampling_strategy", "group_by_length")]) == 0
     assert len([h for h in log_history(out) if "loss" in h]) == 2
+
+
+def test_plot_and_side_by_side_generations(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *base_flags(tiny_model_dir, out, "--max_steps", "3", "--eval_ratio", "0.1",
+                                      "--eval_strategy", "steps", "--eval_steps", "3")]) == 0
+    assert main(["plot", str(out)]) == 0
+    png = out / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    capsys.readouterr()
+    rows = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", tiny_model_dir, "--adapter", str(out), "--num_prompts", "2",
+                 "--max_new_tokens", "6", "--output_jsonl", str(rows)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("**base**") == 2 and text.count("**adapter**") == 2 and "**chosen**" in text
+    lines = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert len(lines) == 2 and all(set(r) >= {"prompt", "base", "adapter", "chosen", "rejected"} for r in lines)

@@ -17,6 +17,7 @@ USAGE = """usage: preftune <command> [options]
 commands:
   train      [CONFIG.yaml] [--flag value ...]  preference (or SFT) fine-tuning; `preftune train --help`
   evaluate   --dataset FILE [--adapter DIR] ...  preference accuracy and mean reward margin
+  generate   --adapter DIR [--dataset FILE]       side-by-side generations: base vs adapter (+ chosen/rejected)
   plot       OUTPUT_DIR [--metrics ...]          plot metrics from trainer_state.json
   mt         build-triplets | translate | evaluate   the ALMA-R machine-translation workflow
 """
@@ -71,13 +72,20 @@ def cmd_plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
+def cmd_generate(argv: list[str]) -> int:
+    from preftune.generate import main as generate_main
+
+    return generate_main(argv)
+
+
 def cmd_mt(argv: list[str]) -> int:
     from preftune.mt.cli import main as mt_main
 
     return mt_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "mt": cmd_mt}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "plot": cmd_plot,
+            "mt": cmd_mt}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
