@@ -221,3 +221,16 @@ def test_plot_and_side_by_side_generations(tiny_model_dir, tmp_path, capsys):
     assert text.count("**base**") == 2 and text.count("**adapter**") == 2 and "**chosen**" in text
     lines = [json.loads(x) for x in rows.read_text().splitlines()]
     assert len(lines) == 2 and all(set(r) >= {"prompt", "base", "adapter", "chosen", "rejected"} for r in lines)
+
+
+def test_evaluate_reuses_reference_logps_of_training(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PREFTUNE_REF_CACHE", str(tmp_path / "ref-cache"))
+    caplog.set_level("INFO", logger="preftune.engine")
+    out = tmp_path / "dpo"
+    assert main(["train", *base_flags(tiny_model_dir, out, "--loss", "dpo", "--max_steps", "1",
+                                      "--eval_ratio", "0.25")]) == 0
+    caplog.clear()
+    assert main(["evaluate", "--model", tiny_model_dir, "--adapter", str(out), "--loss", "dpo", "--split", "eval",
+                 "--eval_ratio", "0.25", "--seed", "3", "--max_length", "256", "--max_prompt_length", "128"]) == 0
+    messages = [r.getMessage() for r in caplog.records if "reference log-probs" in r.getMessage()]
+    assert len(messages) == 1 and ": cache (0 computed" in messages[0], messages

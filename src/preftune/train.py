@@ -38,8 +38,9 @@ class Run:
     data_report: str
 
 
-def model_identity(model_args: ModelArguments, peft_args: PeftArguments) -> str:
-    """A string that identifies the reference policy's weights for the reference-log-prob cache."""
+def model_identity(model_args: ModelArguments, peft_args: PeftArguments, amp: str = "none") -> str:
+    """A string that identifies the reference policy for the reference-log-prob cache: model source
+    (+ weight files' sizes and times), adapter, dtype, attention kernel, mixed precision ``amp``."""
     from preftune.models import resolve_model_source
 
     source = resolve_model_source(model_args)
@@ -52,7 +53,7 @@ def model_identity(model_args: ModelArguments, peft_args: PeftArguments) -> str:
     if adapter and Path(adapter).exists():
         adapter += ";" + ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}"
                                   for p in sorted(Path(adapter).glob("adapter_model.*")))
-    return f"{source}|{stamp}|{adapter}|{model_args.dtype}|{model_args.attn_implementation}"
+    return f"{source}|{stamp}|{adapter}|{model_args.dtype}|{model_args.attn_implementation}|amp={amp}"
 
 
 def setup(groups: tuple) -> Run:
@@ -85,7 +86,7 @@ def setup(groups: tuple) -> Run:
             pairs = data.train + (data.eval or [])
             with _mixed_precision(model, training_args):  # same numerics as the training forward
                 amp = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "none"
-                attach_reference_logps(model, pairs, model_key=f"{model_identity(model_args, peft_args)}|amp={amp}",
+                attach_reference_logps(model, pairs, model_key=model_identity(model_args, peft_args, amp),
                                        reference_context=None if peft_args.peft_model_id else ref_ctx,
                                        batch_size=training_args.per_device_eval_batch_size,
                                        chunk_size=engine_args.logprob_chunk_size)

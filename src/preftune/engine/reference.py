@@ -4,9 +4,9 @@ The DPO family compares the policy with a frozen reference policy. Its log-probs
 during training, so one pass over the data (LoRA adapters disabled or the starting adapter, or
 a separate reference model) gives them for every pair; they are stored on the pairs
 (``TokenizedPair.ref_*``), travel in the batch, and no reference forward runs during training.
-The values are cached under ``<cache_dir>/<sha256>.pt`` (:func:`default_cache_dir`), keyed by the model identity,
-the token ids of every pair and the engine settings that could change the numbers, so a later
-run or ``preftune evaluate`` on the same data reuses them.
+The values are cached per reference policy (:func:`model_cache_path` under
+:func:`default_cache_dir`: model, adapter, dtype, mixed precision) and per pair (its token ids),
+so a later run or ``preftune evaluate`` on the same pairs reuses them.
 """
 
 from __future__ import annotations
@@ -35,13 +35,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune")) / "ref_logps"
 
 
-def reference_cache_key(model_key: str, pairs: list[TokenizedPair]) -> str:
-    """sha256 (hex) over the model identity string and every pair's token ids."""
-    h = hashlib.sha256(model_key.encode())
-    for p in pairs:
-        for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
-            h.update(len(ids).to_bytes(4, "little"))
-            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+def model_cache_path(model_key: str, cache_dir: Optional[Path] = None) -> Path:
+    """The cache file of one reference policy: ``<cache_dir>/<sha256(model_key)[:32]>.pt``."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return cache / f"{hashlib.sha256(model_key.encode()).hexdigest()[:32]}.pt"
+
+
+def pair_key(pair: TokenizedPair) -> str:
+    """sha1 (hex) of a pair's prompt, chosen and rejected token ids (with their lengths)."""
+    h = hashlib.sha1()
+    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -77,6 +82,17 @@ def compute_reference_logps(
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def _load_cache(path: Path) -> dict[str, tuple[float, float]]:
+    if not path.exists():
+        return {}
+    try:
+        values = torch.load(path)
+        return values if isinstance(values, dict) else {}
+    except Exception:  # a broken cache file is recomputed, never trusted
+        logger.warning("ignoring unreadable reference cache %s", path)
+        return {}
+
+
 def attach_reference_logps(
     model: torch.nn.Module,
     pairs: list[TokenizedPair],
@@ -89,33 +105,30 @@ def attach_reference_logps(
 ) -> str:
     """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair, from the cache or computed.
 
-    Returns ``"cache"`` or ``"computed"``. A cache file that does not hold ``len(pairs)`` values
-    is ignored and rewritten.
+    The cache holds one file per reference policy (``model_key``: model, adapter, dtype, mixed
+    precision), mapping each pair's token ids (:func:`pair_key`) to its two sums, so a later run
+    on other splits, or ``preftune evaluate`` on the eval split, reuses whatever was computed;
+    only missing pairs are computed. Returns ``"cache"`` (all found), ``"computed"`` (none found)
+    or ``"cache+computed"``.
     """
     if not pairs:
         return "computed"
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / f"{reference_cache_key(model_key, pairs)}.pt"
-    source = "computed"
-    values = None
-    if path.exists():
-        try:
-            values = torch.load(path)
-            if values["chosen"].shape[0] != len(pairs):
-                values = None
-        except Exception:  # a broken cache file is recomputed, never trusted
-            values = None
-        if values is not None:
-            source = "cache"
-    if values is None:
-        c, r = compute_reference_logps(model, pairs, reference_context=reference_context,
+    path = model_cache_path(model_key, cache_dir)
+    cached = _load_cache(path)
+    keys = [pair_key(p) for p in pairs]
+    missing = [i for i, k in enumerate(keys) if k not in cached]
+    if missing:
+        c, r = compute_reference_logps(model, [pairs[i] for i in missing], reference_context=reference_context,
                                        batch_size=batch_size, chunk_size=chunk_size)
-        values = {"chosen": c, "rejected": r}
-        cache.mkdir(parents=True, exist_ok=True)
+        cached = _load_cache(path)  # another run may have written meanwhile
+        for i, ci, ri in zip(missing, c.tolist(), r.tolist()):
+            cached[keys[i]] = (ci, ri)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(values, tmp)
+        torch.save(cached, tmp)
         os.replace(tmp, path)
-    for p, c, r in zip(pairs, values["chosen"].tolist(), values["rejected"].tolist()):
-        p.ref_chosen_logps, p.ref_rejected_logps = c, r
-    logger.info("reference log-probs for %d pairs: %s (%s)", len(pairs), source, path)
+    for p, k in zip(pairs, keys):
+        p.ref_chosen_logps, p.ref_rejected_logps = cached[k]
+    source = "computed" if len(missing) == len(pairs) else "cache" if not missing else "cache+computed"
+    logger.info("reference log-probs for %d pairs: %s (%d computed, %s)", len(pairs), source, len(missing), path)
     return source
