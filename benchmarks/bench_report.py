@@ -195,7 +195,7 @@ def markdown(res: dict) -> str:
     if s["vocab"]:
         lines += ["", "Vocabulary sweep (tiny random Llama, hidden 256, 2 layers, LoRA, 8 pairs of 32 + 64 + 64 "
                   "tokens, one CPO step): peak RSS MB (Δ train)", "",
-                  "| V | TRL CPOTrainer | preftune (chunk 1024, default) | preftune --logprob_chunk_size 128 "
+                  "| V | TRL CPOTrainer | preftune (default --logprob_chunk_size: auto) | preftune --logprob_chunk_size 128 "
                   "| preftune ÷ TRL (Δ train) |", "| ---: | ---: | ---: | ---: | ---: |"]
         for v in sorted(s["vocab"]):
             t, p = s["vocab"][v].get("trl", {}), s["vocab"][v].get("preftune", {})

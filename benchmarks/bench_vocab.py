@@ -45,7 +45,7 @@ def _train_kwargs(out_dir: str, batch: int) -> dict:
                 remove_unused_columns=False)
 
 
-def _preftune_trainer(model, pairs, out_dir, batch, chunk=1024):
+def _preftune_trainer(model, pairs, out_dir, batch, chunk=None):
     from preftune.cli_args import PreftuneTrainingArguments
     from preftune.config import EngineArguments, LossArguments, PeftArguments
     from preftune.models import prepare_for_gradient_checkpointing
@@ -102,8 +102,8 @@ def run_vocab(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="ptbench-vocab-") as out_dir:
         if spec["tool"] == "trl":
             trainer = _trl_trainer(model, pairs, out_dir, spec["batch"])
-        else:  # "preftune" (default --logprob_chunk_size 1024) or "preftune-chunk<N>"
-            chunk = int(spec["tool"].removeprefix("preftune-chunk")) if "chunk" in spec["tool"] else 1024
+        else:  # "preftune" (default --logprob_chunk_size: auto) or "preftune-chunk<N>"
+            chunk = int(spec["tool"].removeprefix("preftune-chunk")) if "chunk" in spec["tool"] else None
             trainer = _preftune_trainer(model, pairs, out_dir, spec["batch"], chunk)
         losses = []
         original = trainer.compute_loss
