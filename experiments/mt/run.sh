@@ -13,7 +13,7 @@ OUT=experiments/out/mt
 STEPS=${STEPS:-40}
 BS=${BS:-8}
 LR=${LR:-2e-4}
-N_EVAL=${N_EVAL:-500}
+N_EVAL_STAGES=${N_EVAL_STAGES:-"200 500"}
 LOSSES=${LOSSES:-"sft cpo"}
 mkdir -p "$OUT/logs"
 
@@ -32,16 +32,18 @@ for LOSS in $LOSSES; do
       --output_dir "$OUT/$LOSS" 2>&1 | tee "$OUT/logs/train-$LOSS.log"
 done
 
-# 3. translation (greedy, plain ALMA prompt) of the first N_EVAL WMT'21 sentences
-TR="$PT mt translate --pair de-en --input $DATA/valid.de-en.json --limit $N_EVAL --out_dir $OUT/translations \
-    --batch_size 16 --max_new_tokens 128 --no_progress"
-$TR --name base 2>&1 | tee "$OUT/logs/translate-base.log"
-for LOSS in $LOSSES; do
-  $TR --adapter "$OUT/$LOSS" --name "$LOSS" 2>&1 | tee "$OUT/logs/translate-$LOSS.log"
+# 3. translation (greedy, plain ALMA prompt) of the first N WMT'21 sentences, in stages: every
+#    system is translated and scored on the first 200 sentences, then extended (resumed) to 500.
+for N in $N_EVAL_STAGES; do
+  TR="$PT mt translate --pair de-en --input $DATA/valid.de-en.json --limit $N --out_dir $OUT/translations \
+      --batch_size 16 --max_new_tokens 128 --no_progress"
+  $TR --name base 2>&1 | tee -a "$OUT/logs/translate-base.log"
+  for LOSS in $LOSSES; do
+    $TR --adapter "$OUT/$LOSS" --name "$LOSS" 2>&1 | tee -a "$OUT/logs/translate-$LOSS.log"
+  done
+  # 4. scores
+  HYPS=$OUT/translations/base/deen/test.de-en.en
+  for LOSS in $LOSSES; do HYPS="$HYPS $OUT/translations/$LOSS/deen/test.de-en.en"; done
+  $PT mt evaluate --pair de-en --refs $DATA/valid.de-en.json --limit "$N" --hyps $HYPS \
+      --json "experiments/mt/results-$N.json" | tee "experiments/mt/results-$N.md"
 done
-
-# 4. scores
-HYPS=$OUT/translations/base/deen/test.de-en.en
-for LOSS in $LOSSES; do HYPS="$HYPS $OUT/translations/$LOSS/deen/test.de-en.en"; done
-$PT mt evaluate --pair de-en --refs $DATA/valid.de-en.json --limit "$N_EVAL" --hyps $HYPS \
-    --json experiments/mt/results.json | tee experiments/mt/results.md
