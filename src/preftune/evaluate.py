@@ -90,8 +90,9 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
     from preftune.engine.reference import attach_reference_logps
     from preftune.models import load_model, load_tokenizer
     from preftune.peft_utils import reference_context
-    from preftune.train import model_identity
+    from preftune.train import configure_cpu_numerics, model_identity
 
+    configure_cpu_numerics(engine_args)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, training=False)
     if eval_args.adapter:

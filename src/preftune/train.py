@@ -65,6 +65,7 @@ def setup(groups: tuple) -> Run:
 
     model_args, peft_args, data_args, loss_args, engine_args, training_args = groups
     set_seed(training_args.seed)
+    configure_cpu_numerics(engine_args)
     # continuing an adapter: its starting state is the DPO reference, kept as a frozen second adapter
     # (only needed when the reference is computed during training, not when precomputed once)
     live_reference = loss_args.needs_reference and not engine_args.precompute_ref_log_probs
@@ -110,6 +111,19 @@ def _mixed_precision(model, training_args):
         return contextlib.nullcontext()
     device_type = next(model.parameters()).device.type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if training_args.bf16 else torch.float16)
+
+
+def configure_cpu_numerics(engine_args) -> None:
+    """``--flush_denormal``: flush denormal floats to zero on CPU (x86 SSE3; no effect on GPU).
+
+    After the first LoRA updates many gradient products fall below 1e-38; denormal arithmetic
+    is ~100x slower on x86, and a CPO step on SmolLM2 took 36.8 s instead of 4.7 s here (batch 8,
+    HH-RLHF). Values that small do not change the result at float32 precision.
+    """
+    import torch
+
+    if engine_args.flush_denormal and torch.set_flush_denormal(True):
+        logger.info("CPU: denormal floats flushed to zero (--flush_denormal false to keep them)")
 
 
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
