@@ -230,6 +230,14 @@ def _output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards
 # --------------------------------------------------------------------------------------------
 
 
+def _add_bc_term(losses: torch.Tensor, b: _Batch, cpo_alpha: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``losses + cpo_alpha * nll`` (CPO's BC regulariser, :func:`chosen_nll`); nll is None when alpha is 0."""
+    if not cpo_alpha:
+        return losses, None
+    nll = chosen_nll(b.chosen, b.chosen_lengths)
+    return losses + cpo_alpha * nll, nll
+
+
 def cpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> LossOutput:
     """Contrastive Preference Optimization (Xu et al. 2024, arXiv 2401.08417).
@@ -264,9 +272,7 @@ def cpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid
     if variant.length_normalised:
         chosen, rejected = chosen / b.chosen_lengths, rejected / b.rejected_lengths
     losses = variant.term(chosen - rejected, beta, label_smoothing)
-    nll = chosen_nll(b.chosen, b.chosen_lengths) if cpo_alpha else None
-    if nll is not None:
-        losses = losses + cpo_alpha * nll
+    losses, nll = _add_bc_term(losses, b, cpo_alpha)
     return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll)
 
 
@@ -297,9 +303,7 @@ def simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.
     b = _prepare(logps, "simpo")
     chosen, rejected = b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths
     losses = sigmoid_term(chosen - rejected - simpo_gamma / beta, beta, label_smoothing)
-    nll = chosen_nll(b.chosen, b.chosen_lengths) if cpo_alpha else None
-    if nll is not None:
-        losses = losses + cpo_alpha * nll
+    losses, nll = _add_bc_term(losses, b, cpo_alpha)
     return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll)
 
 
