@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import ModelArguments, PeftArguments
+from .errors import ModelLoadError, UnsupportedModelError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("preftune.models")
 
@@ -37,8 +38,6 @@ _CACHE_MARKER = "preftune_gguf_source.json"
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
-    """A model, tokenizer or cache entry cannot be loaded; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,30 +333,10 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def get_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Split a causal LM into ``(decoder, lm_head)`` so log-probs can be computed from hidden states.
+    """``(decoder, lm_head)`` of a causal LM; see :func:`preftune.engine.kinds.causal.get_decoder_and_head`."""
+    from preftune.engine.kinds.causal import get_decoder_and_head as split
 
-    ``decoder(input_ids=..., attention_mask=...)`` returns an output whose ``last_hidden_state``
-    ``[B, T, H]`` is the final (normed) hidden state, and ``lm_head(h)`` maps ``[..., H]`` to logits
-    ``[..., V]``; together they equal ``model(...).logits`` (``lm_head`` may be LoRA-wrapped and/or
-    tied to the input embeddings; it is the very module the model calls).
-
-    Raises:
-        ModelLoadError: the model has no decoder/output embedding, or post-processes its logits
-            (soft-capping or scaling), which the split would silently drop.
-    """
-    base = unwrap_peft(model)
-    config = getattr(base, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(text_config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ModelLoadError(f"{type(base).__name__} applies config.{attr}={value} to its logits; "
-                                 "get_decoder_and_head does not support such models")
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if head is None or decoder is None or decoder is base:
-        raise ModelLoadError(f"{type(base).__name__} is not a causal LM with a separate decoder and lm_head")
-    return decoder, head
+    return split(model)
 
 
 def prepare_for_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> nn.Module:

@@ -51,6 +51,9 @@ class PolicyLogps:
     rejected_lengths: torch.Tensor
     ref_chosen_logps: Optional[torch.Tensor] = None
     ref_rejected_logps: Optional[torch.Tensor] = None
+    # Extra loss terms the model computed on the way (scalars), added to every loss by the trainer
+    # with their weights: ``{"aux_loss": ...}`` (mixture-of-experts router load balancing).
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

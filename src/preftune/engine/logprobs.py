@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from preftune.engine.layout import build_attention_mask, build_block_mask
-from preftune.models import get_decoder_and_head
+from preftune.engine.attention import attention_inputs  # noqa: F401  (re-exported)
+from preftune.engine.kinds import kind_for
 from preftune.types import PolicyLogps
 
 
@@ -59,38 +59,6 @@ def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
     return torch.cat(out)
 
 
-def _attn_implementation(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) or "sdpa"
-
-
-def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``attention_mask`` / ``position_ids`` for the decoder, by attention kernel.
-
-    * unpacked rows: the 2-D padding mask (every kernel's fast causal path);
-    * packed, sdpa: boolean 4-D mask; eager: additive 4-D mask;
-    * packed, flex_attention: a ``BlockMask`` (masked blocks skipped);
-    * packed, flash_attention_*: no mask, restarted ``position_ids`` (the kernel's varlen path).
-      Flash kernels cannot express the shared-prompt mask: raises ``ValueError`` for a
-      shared-prompt batch (use ``--share_prompt false`` or sdpa / flex_attention).
-    """
-    packed = bool(batch["packed"])
-    impl = _attn_implementation(model)
-    if not packed:
-        return {"attention_mask": build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=False)}
-    if impl.startswith("flash"):
-        if bool((batch["branch_ids"] != 0).any()):
-            raise ValueError(f"--share_prompt needs an attention kernel that takes a custom mask (sdpa, eager, "
-                             f"flex_attention); {impl} does not. Use --share_prompt false with {impl}.")
-        return {"attention_mask": None, "position_ids": batch["position_ids"]}
-    if impl == "flex_attention":
-        mask = build_block_mask(batch["segment_ids"], batch["branch_ids"])
-    else:
-        dtype = next(model.parameters()).dtype if impl == "eager" else None
-        mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=True, additive_dtype=dtype)
-    return {"attention_mask": mask, "position_ids": batch["position_ids"]}
-
-
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: Optional[int] = None) -> PolicyLogps:
     """Run the decoder over a laid-out batch and sum log-probs per sequence.
 
@@ -98,11 +66,9 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     Returns :class:`PolicyLogps` with ``(B,)`` float32 sums (nats) and token counts, plus the
     batch's precomputed reference log-probs when present.
     """
-    decoder, head = get_decoder_and_head(model)
-    kwargs = attention_inputs(model, batch)
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
-    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
-    logps = token_logps(head, flat, batch["target_ids"], chunk_size)
+    kind = kind_for(model)
+    flat, extras = kind.hidden_at_targets(model, batch)
+    logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size)
     num_pairs = int(batch["num_pairs"])
     sums = torch.zeros(2 * num_pairs, dtype=logps.dtype, device=logps.device).index_add(0, batch["target_seq"], logps)
     counts = torch.bincount(batch["target_seq"], minlength=2 * num_pairs).to(logps.dtype)
@@ -115,4 +81,5 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
         rejected_lengths=counts[num_pairs:],
         ref_chosen_logps=None if ref_c is None else ref_c.to(logps.dtype),
         ref_rejected_logps=None if ref_r is None else ref_r.to(logps.dtype),
+        extra_losses=extras,
     )
