@@ -49,6 +49,12 @@ class PreftuneTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; silences a warning per epoch
         super().__post_init__()
+        # values transformers accepts here but that fail later with a traceback (DataLoader, AdamW)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.learning_rate < 0:
+            raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
 
 
 TRAIN_GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments,
@@ -84,6 +90,11 @@ def make_parser(groups=TRAIN_GROUPS, prog: str = "preftune train") -> HfArgument
                               description="Preference-optimisation fine-tuning. Give an optional YAML config "
                                           "first; flags override it.")
     parser.add_argument("config", nargs="?", default=None, help="Optional YAML config file.")
+
+    def error(message: str):  # argparse would print the whole (very long) usage, then exit 2
+        raise ConfigError(f"{message} (see `{prog} --help`)")
+
+    parser.error = error
     return parser
 
 

@@ -49,6 +49,10 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": f"Attention kernel: {', '.join(ATTN_IMPLEMENTATIONS)}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow loading pickle weight files (pytorch_model.bin, *.pt) when a model has no "
+                  "safetensors; unpickling an untrusted file can run arbitrary code. Off: such a model is refused."})
     model_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where converted GGUF models are cached (default $PREFTUNE_CACHE or ~/.cache/preftune)."})

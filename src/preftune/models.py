@@ -212,6 +212,68 @@ def resolve_model_source(model_args: ModelArguments) -> str:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+# Weight files transformers reads with pickle (torch.load) when a directory has no safetensors.
+PICKLE_WEIGHT_GLOBS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json")
+
+
+def check_weight_files(source: str, allow_pickle: bool) -> None:
+    """Refuse a local model directory whose weights exist only as pickle files, unless allowed.
+
+    Unpickling (``torch.load``) an untrusted ``pytorch_model.bin`` can run arbitrary code, so a
+    directory without any ``*.safetensors`` but with ``pytorch_model*.bin`` is an error unless
+    ``allow_pickle`` (``--allow_pickle_weights``) is set. A Hub id is not checked here: without
+    ``allow_pickle`` :func:`load_model` passes ``use_safetensors=True``, which refuses the same.
+
+    Raises:
+        ModelLoadError: pickle-only weights and ``allow_pickle`` is False (names the files), or a
+            directory without any weight file.
+    """
+    path = Path(source)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted({p.name for pattern in PICKLE_WEIGHT_GLOBS for p in path.glob(pattern)})
+    if not pickles:
+        raise ModelLoadError(f"--model_name_or_path {source}: no weight files in this directory "
+                             "(expected model.safetensors or model-*-of-*.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"--model_name_or_path {source}: the weights are pickle files only ({', '.join(pickles)}), no "
+            "safetensors; loading a pickle can run arbitrary code. Convert them to safetensors, or pass "
+            "--allow_pickle_weights true if you trust where the files come from")
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: " + (text if len(text) <= limit else text[:limit] + " ...")
+
+
+def _from_pretrained(loader, what: str, model_args: ModelArguments, source: str, **kwargs):
+    """``loader.from_pretrained(source, **kwargs)`` with its failures turned into one-line
+    :class:`ModelLoadError` messages naming the model, what failed and what to do."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        cause = _one_line(err)
+        name = model_args.model_name_or_path or source
+        if Path(source).expanduser().exists():
+            text = f"--model_name_or_path {name}: cannot load the {what} from {source} ({cause})"
+        elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
+            text = f"--model_name_or_path {name}: no such directory (and not a Hub model id)"
+        else:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            text = (f"--model_name_or_path {name}: not a local directory, and loading the {what} from the "
+                    f"Hugging Face Hub failed ({cause}). "
+                    + ("HF_HUB_OFFLINE is set, so only models already in the local Hub cache can be loaded"
+                       if offline else "Check the id, the network, and HF_TOKEN for gated models"))
+        if "trust_remote_code" in str(err) and not model_args.trust_remote_code:
+            text += ". The model needs its own Python code, which preftune does not run unless you pass " \
+                    "--trust_remote_code true (only for code you trust)"
+        elif "safetensors" in str(err) and not model_args.allow_pickle_weights:
+            text += ". Only safetensors weights are loaded by default; pass --allow_pickle_weights true to " \
+                    "load pickle weights (pytorch_model.bin) you trust"
+        raise ModelLoadError(text) from err
+
+
 def load_tokenizer(model_args: ModelArguments):
     """Tokenizer of the model; the pad token falls back to the eos token (logged).
 
@@ -221,7 +283,8 @@ def load_tokenizer(model_args: ModelArguments):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(model_args)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", model_args, source,
+                                 trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer of {source} has neither a pad nor an eos token; add a pad token")
@@ -269,7 +332,10 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
 
     Raises:
         ModelLoadError: flash-attn missing for flash_attention_2, bitsandbytes/CUDA missing for
-            4-bit, or the default model not installed.
+            4-bit, the default model not installed, pickle-only weights without
+            ``allow_pickle_weights`` (:func:`check_weight_files`), or any failure of
+            ``from_pretrained`` (missing directory, Hub id unreachable or unknown, custom code
+            without ``trust_remote_code``, broken config), with the cause on one line.
     """
     from transformers import AutoModelForCausalLM
 
@@ -280,9 +346,12 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     source = resolve_model_source(model_args)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code, **kwargs)
+    check_weight_files(source, model_args.allow_pickle_weights)
+    if not model_args.allow_pickle_weights:
+        kwargs["use_safetensors"] = True  # a Hub repo with pickle weights only is refused the same way
+    model = _from_pretrained(
+        AutoModelForCausalLM, "model", model_args, source, dtype=dtype,
+        attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code, **kwargs)
     if training:
         model.config.use_cache = False
     else:
