@@ -14,7 +14,7 @@ from typing import Optional
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
-LOSS_NAMES = ("cpo", "simpo", "cpo-simpo", "orpo", "dpo", "sft")
+LOSS_NAMES = ("cpo", "simpo", "cpo-simpo", "orpo", "dpo", "sft", "rm")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -139,7 +139,7 @@ class LossArguments:
     loss: str = field(default="cpo", metadata={"help": f"Objective: {', '.join(LOSS_NAMES)}."})
     beta: Optional[float] = field(
         default=None, metadata={"help": "Temperature / ORPO lambda. Default per loss: "
-                                + ", ".join(f"{k} {v}" for k, v in DEFAULT_BETA.items())})
+                                + ", ".join(f"{k} {v}" for k, v in DEFAULT_BETA.items()) + " (rm: none)"})
     cpo_loss_type: str = field(default="sigmoid", metadata={"help": f"CPO preference term: {', '.join(CPO_LOSS_TYPES)}."})
     dpo_loss_type: str = field(default="sigmoid", metadata={"help": f"DPO variant: {', '.join(DPO_LOSS_TYPES)}."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (cpo sigmoid, simpo, dpo sigmoid/robust)."})
@@ -147,14 +147,21 @@ class LossArguments:
         default=None, metadata={"help": "Weight of the chosen NLL (BC regulariser) for cpo / cpo-simpo (default 1.0)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
     rpo_alpha: Optional[float] = field(default=None, metadata={"help": "DPO: weight of the chosen NLL (RPO)."})
+    center_rewards_coefficient: Optional[float] = field(
+        default=None, metadata={"help": "rm: weight of the reward-centering term mean((r_c + r_r)^2) "
+                                "(Eisenstein et al. 2023), as in TRL's RewardConfig. Default: none."})
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, LOSS_NAMES)
         _check_choice("cpo_loss_type", self.cpo_loss_type, CPO_LOSS_TYPES)
         _check_choice("dpo_loss_type", self.dpo_loss_type, DPO_LOSS_TYPES)
-        if self.beta is None:
+        if self.loss == "rm":
+            self._check_reward_model()
+        elif self.center_rewards_coefficient is not None:
+            raise ConfigError(f"--center_rewards_coefficient applies to --loss rm only, not {self.loss!r}")
+        if self.beta is None and self.loss != "rm":
             self.beta = DEFAULT_BETA[self.loss]
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if self.cpo_alpha is None:
             self.cpo_alpha = DEFAULT_NLL_ALPHA[self.loss] if self.loss in ("cpo", "cpo-simpo") else 0.0
@@ -163,10 +170,28 @@ class LossArguments:
         if self.cpo_alpha < 0 or (self.rpo_alpha is not None and self.rpo_alpha < 0):
             raise ConfigError("--cpo_alpha and --rpo_alpha must be >= 0")
 
+    def _check_reward_model(self) -> None:
+        """--loss rm: no temperature, no label smoothing; a finite coefficient >= 0 for centering."""
+        import math
+
+        if self.beta is not None:
+            raise ConfigError(f"--beta does not apply to --loss rm (the Bradley-Terry reward loss has no "
+                              f"temperature); drop it (got {self.beta})")
+        if self.label_smoothing:
+            raise ConfigError(f"--label_smoothing does not apply to --loss rm (got {self.label_smoothing})")
+        c = self.center_rewards_coefficient
+        if c is not None and not (math.isfinite(c) and c >= 0):
+            raise ConfigError(f"--center_rewards_coefficient must be a finite number >= 0, got {c}")
+
     @property
     def needs_reference(self) -> bool:
         """True for losses that compare against a frozen reference policy (the DPO family)."""
         return self.loss == "dpo"
+
+    @property
+    def is_reward_model(self) -> bool:
+        """True for ``--loss rm``: a scalar-head reward model instead of a policy."""
+        return self.loss == "rm"
 
 
 @dataclass
@@ -187,11 +212,34 @@ class EngineArguments:
     flush_denormal: bool = field(
         default=True, metadata={"help": "CPU: flush denormal floats to zero (torch.set_flush_denormal). Tiny "
                                 "LoRA updates make denormal gradients that slowed a CPO step 7x here."})
-    precompute_ref_log_probs: bool = field(
-        default=True, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk)."})
+    precompute_ref_log_probs: Optional[bool] = field(
+        default=None, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk). "
+                                "Default: on (--loss rm has no reference and refuses it)."})
 
     def __post_init__(self) -> None:
+        # unset means on; whether it was given is kept for --loss rm, which refuses it
+        self._precompute_given = self.precompute_ref_log_probs is not None
+        if self.precompute_ref_log_probs is None:
+            self.precompute_ref_log_probs = True
         if self.logprob_chunk_size is not None and self.logprob_chunk_size <= 0:
             raise ConfigError(f"--logprob_chunk_size must be > 0, got {self.logprob_chunk_size}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
             raise ConfigError(f"--max_tokens_per_batch must be > 0, got {self.max_tokens_per_batch}")
+
+
+def resolve_reference_options(loss_args: LossArguments, engine_args: EngineArguments,
+                              has_ref_model: bool = False) -> None:
+    """Cross-group check of the reference-policy options; ``--loss rm`` turns the precompute off in place.
+
+    Raises:
+        ConfigError: ``--loss rm`` with ``--precompute_ref_log_probs`` given (true) or with a
+            reference model: a reward model has no reference policy.
+    """
+    if not loss_args.is_reward_model:
+        return
+    if getattr(engine_args, "_precompute_given", False) and engine_args.precompute_ref_log_probs:
+        raise ConfigError("--precompute_ref_log_probs does not apply to --loss rm: a reward model has no "
+                          "reference policy; drop the flag")
+    if has_ref_model:
+        raise ConfigError("--loss rm takes no reference model: a reward model has no reference policy")
+    engine_args.precompute_ref_log_probs = False  # nothing to precompute (and the resolved config says so)

@@ -12,6 +12,10 @@ Every loss is a pure function ``fn(logps: PolicyLogps, *, <hyper-parameters>) ->
   *as the loss used them*: per-token averages where the loss length-normalises (CPO-IPO, SimPO,
   ORPO), sums otherwise (CPO sigmoid/hinge, every DPO variant, SFT) - what TRL logs.
 
+The reward-model loss ``rm`` (:func:`rm_loss`) is the one entry over scalar rewards instead:
+its input is :class:`preftune.types.PairRewards` (value-head outputs ``(B,)``), its metrics are
+TRL ``RewardTrainer``'s (``accuracy``, ``margin``, ``min_reward``, ``mean_reward``, ``max_reward``).
+
 The NLL ("BC") regulariser. TRL computes it as one token-mean cross-entropy over all chosen
 completion tokens of the batch: ``NLL = -sum_i chosen_logps_i / sum_i chosen_lengths_i``. To
 keep a per-example loss whose *mean* is the batch loss, it is spread over the examples as
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune.config import LossArguments
-from preftune.types import LossOutput, PolicyLogps
+from preftune.types import LossOutput, PairRewards, PolicyLogps
 
 _WHERE = "preftune.losses"
 
@@ -453,6 +457,77 @@ def sft_loss(logps: PolicyLogps, *, label_smoothing: float = 0.0) -> LossOutput:
                    b.chosen, b.rejected, nll)
 
 
+def _prepare_rewards(rewards: PairRewards) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Check and cast the reward-model inputs: ``(chosen, rejected, margin)``, all ``(B,)``.
+
+    Raises:
+        ValueError: ``rewards`` is not a :class:`PairRewards`, a field is not a floating 1-D tensor of
+            one shared shape ``(B,)`` with ``B >= 1``, or the margin holds a non-finite value.
+    """
+    if not isinstance(rewards, PairRewards):
+        raise ValueError(f"{_WHERE}: loss 'rm' needs PairRewards (preftune.engine.rewards.sequence_rewards), "
+                         f"got {type(rewards).__name__}")
+    shape = None
+    for name in ("chosen_rewards", "rejected_rewards", "margin"):
+        value = getattr(rewards, name)
+        if value is None and name == "margin":
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] < 1 \
+                or not value.is_floating_point():
+            desc = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{_WHERE}: PairRewards.{name} must be a floating 1-D tensor of shape (B,), B >= 1; "
+                             f"got {desc}")
+        if shape is None:
+            shape = value.shape
+        elif value.shape != shape:
+            raise ValueError(f"{_WHERE}: PairRewards.{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    dtype = _compute_dtype(rewards.chosen_rewards)
+    margin = rewards.margin
+    if margin is not None:
+        if not bool(torch.isfinite(margin).all()):
+            raise ValueError(f"{_WHERE}: PairRewards.margin holds a non-finite value: {margin.tolist()}")
+        margin = margin.detach().to(dtype)
+    return rewards.chosen_rewards.to(dtype), rewards.rejected_rewards.to(dtype), margin
+
+
+def rm_loss(rewards: PairRewards, *, center_rewards_coefficient: Optional[float] = None) -> LossOutput:
+    """Pairwise Bradley-Terry reward-model loss with optional margin and reward centering.
+
+    ``loss_i = -log sigmoid(r_c,i - r_r,i - m_i) + c * (r_c,i + r_r,i)^2`` over ``(B,)`` rewards:
+    the pairwise ranking loss of Ouyang et al. 2022 (InstructGPT, arXiv 2203.02155, Eq. 1), the
+    per-pair margin ``m`` of Llama 2 (arXiv 2307.09288, Sec. 3.2.2; 0 without one) and the centering
+    term of Eisenstein et al. 2023 (arXiv 2312.09244) with weight ``c = center_rewards_coefficient``
+    (none when None). ``losses.mean()`` equals TRL 1.16 ``RewardTrainer``'s batch loss,
+    ``mean(-log sigmoid(.)) + c * mean((r_c + r_r)^2)``.
+
+    The rewards are the unitless head values; ``chosen_rewards`` / ``rejected_rewards`` of the output
+    are those, detached. Metrics (TRL's names and definitions, batch values): ``accuracy`` (share of
+    pairs with ``r_c > r_r``), ``margin`` (mean ``r_c - r_r``), ``min_reward`` / ``mean_reward`` /
+    ``max_reward`` over all ``2B`` rewards.
+
+    Raises:
+        ValueError: bad ``rewards`` (see :func:`_prepare_rewards`) or a negative / non-finite
+            ``center_rewards_coefficient``.
+    """
+    chosen, rejected, margin = _prepare_rewards(rewards)
+    diff = chosen - rejected
+    losses = -F.logsigmoid(diff if margin is None else diff - margin)
+    if center_rewards_coefficient is not None:
+        c = float(center_rewards_coefficient)
+        if not (c >= 0 and c < float("inf")):
+            raise ValueError(f"{_WHERE}: center_rewards_coefficient must be finite and >= 0, got {c}")
+        losses = losses + c * (chosen + rejected) ** 2
+    every = torch.cat([chosen, rejected]).detach()
+    metrics = {
+        "accuracy": (diff > 0).to(diff.dtype).mean().detach(),
+        "margin": diff.mean().detach(),
+        "min_reward": every.min(),
+        "mean_reward": every.mean(),
+        "max_reward": every.max(),
+    }
+    return LossOutput(losses, chosen.detach(), rejected.detach(), metrics)
+
+
 # --------------------------------------------------------------------------------------------
 # Name tables and dispatch
 # --------------------------------------------------------------------------------------------
@@ -464,6 +539,7 @@ LOSS_FUNCTIONS: dict[str, LossFn] = {
     "orpo": orpo_loss,
     "dpo": dpo_loss,
     "sft": sft_loss,
+    "rm": rm_loss,
 }
 
 
@@ -482,6 +558,7 @@ _HPARAMS: dict[str, Callable[[LossArguments], dict[str, Any]]] = {
     "dpo": lambda a: {"beta": a.beta, "loss_type": a.dpo_loss_type, "label_smoothing": a.label_smoothing,
                       "rpo_alpha": a.rpo_alpha},
     "sft": lambda a: {"label_smoothing": a.label_smoothing},
+    "rm": lambda a: {"center_rewards_coefficient": a.center_rewards_coefficient},
 }
 # Which losses read which NLL weight; a non-zero weight given to another loss is an error.
 _NLL_WEIGHT_OWNERS = {"cpo_alpha": ("cpo", "simpo", "cpo-simpo"), "rpo_alpha": ("dpo",)}
@@ -499,11 +576,12 @@ def get_loss_fn(name: str) -> LossFn:
         raise ValueError(f"{_WHERE}: unknown loss {name!r}; valid: {', '.join(LOSS_FUNCTIONS)}") from None
 
 
-def compute_loss(logps: PolicyLogps, args: LossArguments) -> LossOutput:
+def compute_loss(logps: PolicyLogps | PairRewards, args: LossArguments) -> LossOutput:
     """Run the loss ``args.loss`` with its hyper-parameters from ``args`` on ``logps``.
 
     Args:
-        logps: ``PolicyLogps`` of B pairs (``(B,)`` tensors; reference sums for ``dpo``).
+        logps: ``PolicyLogps`` of B pairs (``(B,)`` tensors; reference sums for ``dpo``), or
+            :class:`PairRewards` for ``rm``.
         args: validated ``LossArguments``.
 
     Returns:
@@ -514,6 +592,9 @@ def compute_loss(logps: PolicyLogps, args: LossArguments) -> LossOutput:
             non-zero value for a loss that does not use it, or any error of the loss itself.
     """
     fn = get_loss_fn(args.loss)
+    if isinstance(logps, PairRewards) != (args.loss == "rm"):
+        raise ValueError(f"{_WHERE}: loss {args.loss!r} takes "
+                         f"{'PairRewards' if args.loss == 'rm' else 'PolicyLogps'}, got {type(logps).__name__}")
     for weight, owners in _NLL_WEIGHT_OWNERS.items():
         if getattr(args, weight) and args.loss not in owners:
             raise ValueError(f"{_WHERE}: --{weight} applies to --loss {'/'.join(owners)} only, "

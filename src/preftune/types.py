@@ -3,9 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+
+@dataclass
+class PairImages:
+    """The images of one pair's prompt (vision–language models), loaded when a batch is laid out.
+
+    Pixels are not kept in memory between steps: ``loader(prompt_text, paths)`` (a
+    :class:`preftune.data.vision.ImageLoader`) runs the model's processor on the rendered prompt and
+    returns its image tensors (``pixel_values``, ``image_grid_thw``, ``image_sizes``,
+    ``pixel_attention_mask`` ... with one leading row per image or patch) and the expanded
+    ``input_ids`` ``(1, P)``, which must equal the pair's ``prompt_ids``. ``image_token_id`` is the
+    placeholder id the processor expanded each image into (one token per image feature row).
+    ``digest``: sha1 (hex) of the image files' bytes, part of the reference-cache key.
+    ``rejected_paths`` / ``rejected_prompt_ids``: other images for the rejected side (ms-swift's
+    ``rejected_images``); such a pair's rejected sequence gets its own prompt (no shared prompt).
+    """
+
+    paths: list[str]
+    prompt_text: str
+    image_token_id: int
+    loader: Any
+    digest: str
+    rejected_paths: Optional[list[str]] = None
+    rejected_prompt_ids: Optional[list[int]] = None
+
+    def load(self, rejected: bool = False) -> dict[str, torch.Tensor]:
+        """Processor outputs for the prompt with its images (the rejected side's images when ``rejected``)."""
+        return self.loader(self.prompt_text, self.rejected_paths if rejected else self.paths)
 
 
 @dataclass
@@ -23,6 +51,12 @@ class TokenizedPair:
     # preftune.engine.reference when --precompute_ref_log_probs is on.
     ref_chosen_logps: Optional[float] = None
     ref_rejected_logps: Optional[float] = None
+    # Optional per-pair reward margin m of the reward-model loss (--loss rm: -log sigmoid(r_c - r_r - m),
+    # Llama 2, arXiv 2307.09288, Sec. 3.2.2); the data's ``margin`` field. Other losses ignore it.
+    margin: Optional[float] = None
+    # Images of the prompt (vision–language models): the prompt_ids hold one placeholder token per
+    # image feature row; see PairImages. None for text pairs.
+    images: Optional[PairImages] = None
 
     @property
     def num_tokens_logical(self) -> int:
@@ -53,6 +87,22 @@ class PolicyLogps:
     ref_rejected_logps: Optional[torch.Tensor] = None
     # Extra loss terms the model computed on the way (scalars), added to every loss by the trainer
     # with their weights: ``{"aux_loss": ...}`` (mixture-of-experts router load balancing).
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PairRewards:
+    """Scalar rewards of a batch of B pairs from a reward model (value head), the input of ``--loss rm``.
+
+    ``chosen_rewards`` / ``rejected_rewards``: ``(B,)`` head values at the last (non-pad) token of
+    ``prompt + chosen`` and ``prompt + rejected`` (unitless scores, float32). ``margin``: ``(B,)``
+    per-pair margin the chosen reward should exceed the rejected one by, or None (no margin, i.e. 0).
+    ``extra_losses`` as in :class:`PolicyLogps`.
+    """
+
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    margin: Optional[torch.Tensor] = None
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
