@@ -97,20 +97,31 @@ def load_raw(spec: Optional[str]) -> RawData:
     return _read_hub(path, limit)
 
 
-def _open_text(path: str):
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: str):
+    # bytes, decoded line by line, so that a non-UTF-8 byte is reported on its own line
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _decode(data: bytes, path: str, number: int) -> str:
+    """UTF-8 text of ``data`` (line ``number`` of ``path``, 1-based); a UTF-8 byte-order mark at
+    the start of the file (line 1) is accepted and dropped (Windows editors write one)."""
+    try:
+        return data.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        line = number + data[:err.start].count(b"\n")
+        raise DataError(f"{path}, line {line}: not UTF-8 text ({err.reason}, byte {data[err.start]:#04x}); "
+                        "save the file as UTF-8") from None
 
 
 def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
     records: list[dict] = []
     locations: list[str] = []
     try:
-        with _open_text(path) as handle:
-            for number, line in enumerate(handle, start=1):
+        with _open_binary(path) as handle:
+            for number, raw_line in enumerate(handle, start=1):
                 if limit is not None and len(records) >= limit:
                     break
+                line = _decode(raw_line, path, number)
                 if not line.strip():
                     continue  # blank lines (e.g. a trailing newline) are not records
                 try:
@@ -121,8 +132,6 @@ def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
                     raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
                 records.append(record)
                 locations.append(f"line {number}")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}, line {len(locations) + 1}: not UTF-8 text ({err.reason})") from None
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({err})") from None
     return _finish(RawData(path, records, locations, limit))
@@ -130,13 +139,13 @@ def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
 
 def _read_json(path: str, limit: Optional[int]) -> RawData:
     try:
-        with _open_text(path) as handle:
-            data = json.load(handle)
+        with _open_binary(path) as handle:
+            data = json.loads(_decode(handle.read(), path, 1))
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON lines in a .json file
             return _read_jsonl(path, limit)
         raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-    except (OSError, UnicodeDecodeError, EOFError) as err:
+    except (OSError, EOFError) as err:
         raise DataError(f"{path}: cannot read ({err})") from None
     if isinstance(data, dict):
         data = [data]
@@ -153,15 +162,37 @@ def _read_json(path: str, limit: Optional[int]) -> RawData:
 def _read_with_datasets(path: str, builder: str, limit: Optional[int]) -> RawData:
     import datasets
 
-    reader = datasets.Dataset.from_parquet if builder == "parquet" else datasets.Dataset.from_csv
     try:
-        table = reader(path, keep_in_memory=True)
+        if builder == "parquet":
+            table = datasets.Dataset.from_parquet(path, keep_in_memory=True)
+        else:
+            table = datasets.Dataset.from_csv(path, keep_in_memory=True, **_csv_options(path))
+    except DataError:
+        raise
     except Exception as err:  # pyarrow / pandas raise many types; name the file and pass the reason on
+        while err.__cause__ is not None:  # datasets wraps the parser's error ("Expected 3 fields in line 3")
+            err = err.__cause__
         raise DataError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
     if limit is not None:
         table = table.select(range(min(limit, len(table))))
     records = table.to_list()
     return _finish(RawData(path, records, [f"record {i}" for i in range(1, len(records) + 1)], limit))
+
+
+def _csv_options(path: str) -> dict:
+    """Every CSV column read as text, as written: no number inference (an answer ``4`` stays the
+    string ``"4"``), no ``NA``/``null``/``None`` turned into missing values (an empty cell is ``""``);
+    a UTF-8 byte-order mark is accepted."""
+    import csv
+
+    import datasets
+
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle), None)
+    if not header:
+        raise DataError(f"{path}: no header line (expected column names such as prompt,chosen,rejected)")
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False, "na_filter": False, "encoding": "utf-8-sig"}
 
 
 def _read_hub(name: str, limit: Optional[int]) -> RawData:
