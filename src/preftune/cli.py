@@ -109,7 +109,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _user_errors() as exc:
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
-        print(f"preftune {command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
+        print(f"preftune {command}: error: {message}", file=sys.stderr)
         return 2
 
 
