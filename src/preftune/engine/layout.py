@@ -64,6 +64,28 @@ def _units_for_pair(b: int, num_pairs: int, pair: TokenizedPair, share_prompt: b
     return units
 
 
+def _last_tokens(u: _Unit, num_pairs: int, pad_token_id: int) -> list[tuple[int, int]]:
+    """``(offset inside the unit, sequence)`` of the last token of each sequence the unit holds.
+
+    "Last" is the rule of ``AutoModelForSequenceClassification``: the rightmost token whose id is not
+    ``pad_token_id`` (when the pad token is the EOS, as for SmolLM2, that is the token before the
+    final EOS); a sequence of pad tokens only gives its first token. A shared-prompt unit holds two
+    sequences: prompt + chosen (prompt and chosen branch) and prompt + rejected (prompt and
+    rejected branch); any other unit one.
+    """
+    seqs = sorted({seq for _, _, seq in u.targets})
+    out = []
+    for seq in seqs:
+        if len(seqs) == 1:
+            offsets = range(len(u.tokens))
+        else:
+            own = CHOSEN if seq < num_pairs else REJECTED
+            offsets = [o for o, br in enumerate(u.branches) if br in (SHARED, own)]
+        real = [o for o in offsets if u.tokens[o] != pad_token_id]
+        out.append(((real or list(offsets))[-1 if real else 0], seq))
+    return out
+
+
 def _pack(units: list[_Unit], budget: int) -> list[list[int]]:
     """First-fit-decreasing bin packing of unit indices into rows of at most ``budget`` tokens."""
     order = sorted(range(len(units)), key=lambda i: -len(units[i].tokens))
@@ -100,6 +122,10 @@ def collate_pairs(
     * ``target_index``: ``(M,)`` flat index into ``rows*T`` of the hidden state that predicts
       each scored token; ``target_ids``: ``(M,)`` the token; ``target_seq``: ``(M,)`` the
       sequence (chosen ``b`` → ``b``, rejected ``b`` → ``B+b``).
+    * ``last_index``: ``(2B,)`` flat index of the last token of each sequence (same order), where
+      a reward model reads its value (see :func:`_last_tokens`); ``pad_token_id``: ``()`` the pad
+      id that rule used.
+    * ``margin``: ``(B,)`` float32, when some pair carries a reward margin (0 for the others).
     * ``num_pairs``: ``()``; ``num_logical_tokens``: ``()`` tokens of ``[P C]`` + ``[P R]``.
     * ``ref_chosen_logps`` / ``ref_rejected_logps``: ``(B,)`` float64, when every pair carries
       precomputed reference log-probs.
@@ -128,6 +154,7 @@ def collate_pairs(
     segment_ids = torch.full((n_rows, width), -1, dtype=torch.long)
     branch_ids = torch.zeros((n_rows, width), dtype=torch.long)
     t_index, t_ids, t_seq = [], [], []
+    last = [0] * (2 * num_pairs)
     for r, row in enumerate(rows):
         offset = 0
         for s, i in enumerate(row):
@@ -141,6 +168,8 @@ def collate_pairs(
                 t_index.append(r * width + offset + pos)
                 t_ids.append(tok)
                 t_seq.append(seq)
+            for pos, seq in _last_tokens(u, num_pairs, pad_token_id):
+                last[seq] = r * width + offset + pos
             offset += n
     batch = {
         "input_ids": input_ids,
@@ -150,6 +179,8 @@ def collate_pairs(
         "target_index": torch.tensor(t_index, dtype=torch.long),
         "target_ids": torch.tensor(t_ids, dtype=torch.long),
         "target_seq": torch.tensor(t_seq, dtype=torch.long),
+        "last_index": torch.tensor(last, dtype=torch.long),
+        "pad_token_id": torch.tensor(pad_token_id),
         "num_pairs": torch.tensor(num_pairs),
         "num_logical_tokens": torch.tensor(sum(p.num_tokens_logical for p in pairs)),
         "packed": torch.tensor(int(share_prompt or any(len(row) > 1 for row in rows))),
@@ -157,6 +188,8 @@ def collate_pairs(
     if all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs):
         batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float64)
         batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
+    if any(p.margin is not None for p in pairs):  # reward-model margins; a pair without one has margin 0
+        batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
     return batch
 
 
