@@ -1,5 +1,7 @@
 """Preference data: loading, format detection, validation, tokenisation and the eval split."""
 
+from .columns import parse_columns, rename_columns
+from .detect import canonical_format, detect
 from .errors import DataError
 from .formats import FORMATS, FormattedData, detect_format, normalise
 from .loading import RawData, load_raw, parse_spec
@@ -9,5 +11,6 @@ from .tokenize import TokenizeStats, tokenize_records, truncate_pair
 
 __all__ = [
     "DataError", "FORMATS", "FormattedData", "PreferenceData", "RawData", "TokenizeStats", "build_datasets",
-    "detect_format", "load_raw", "normalise", "parse_spec", "split_indices", "tokenize_records", "truncate_pair",
+    "canonical_format", "detect", "detect_format", "load_raw", "normalise", "parse_columns", "parse_spec",
+    "rename_columns", "split_indices", "tokenize_records", "truncate_pair",
 ]

@@ -1,10 +1,11 @@
 """Detecting, validating and normalising the record formats of preference data.
 
-Four formats are recognised from the first record; every record is then held to that format:
+The format of a file is detected from the field set and value types of all its records
+(:mod:`preftune.data.detect`), or forced with ``--dataset_format``; every record is then held to it:
 
-* ``standard``: ``prompt``, ``chosen``, ``rejected`` strings.
+* ``standard``: ``prompt``, ``chosen``, ``rejected`` strings (TRL).
 * ``conversational``: ``prompt`` a list of ``{role, content}`` messages, ``chosen`` / ``rejected``
-  lists of assistant messages (the chat template is applied at tokenisation).
+  lists of assistant messages (TRL; the chat template is applied at tokenisation).
 * ``implicit_prompt``: only ``chosen`` and ``rejected``, two whole dialogues sharing all but the
   last reply (Anthropic HH-RLHF, Bai et al. 2022). Text dialogues: the prompt is the common prefix
   cut back to the last ``"\\n\\nAssistant:"`` marker it contains, so it always ends at a turn
@@ -13,9 +14,13 @@ Four formats are recognised from the first record; every record is then held to 
 * ``mt_triplets``: ALMA-R preference triplets (``translation`` dict; Xu et al. 2024, "Contrastive
   Preference Optimization"), converted by :func:`preftune.mt.readers.triplets_to_preference_records`
   into standard or conversational records.
+* ``swift2``, ``swift3``, ``sharegpt``, ``alpaca``: ms-swift and LLaMA-Factory data, converted to
+  the conversational form by :mod:`preftune.data.ecosystems`.
 
-The output of :func:`normalise` is a list of ``{"prompt", "chosen", "rejected"}`` dicts, either all
-strings or all message lists, ready for :func:`preftune.data.tokenize.tokenize_records`.
+The output of :func:`normalise` is a list of ``{"prompt", "chosen", "rejected"}`` dicts (strings
+or message lists), ready for :func:`preftune.data.tokenize.tokenize_records`, plus ``"images"`` /
+``"rejected_images"`` (resolved paths, :mod:`preftune.data.media`) and ``"margin"`` (swift 3.x,
+for reward models) where the data has them.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .detect import FORMATS, Detection, canonical_format, detect, formats_of, recognised_field_sets
+from .ecosystems import CONVERTERS, DESCRIPTIONS
 from .errors import DataError, where
 from .loading import RawData
+from .media import IMAGE_FIELDS, resolve_images
+from .validate import Here
 
-FORMATS = ("standard", "conversational", "implicit_prompt", "mt_triplets")
-ROLES = ("system", "user", "assistant", "tool")
+__all__ = ["FORMATS", "FormattedData", "detect_format", "normalise"]
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "\n\nHuman:"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -38,7 +46,9 @@ class FormattedData:
     """Records normalised to ``prompt`` / ``chosen`` / ``rejected``.
 
     ``kind`` is ``"text"`` (strings) or ``"messages"`` (message lists). ``identical`` counts pairs
-    whose chosen equals rejected (allowed, but reported). ``notes`` are extra facts for the report.
+    whose chosen equals rejected (allowed, but reported). ``notes`` are extra facts for the report;
+    ``detection`` says how the format was found; ``selection`` which records were taken
+    (``PATH#N``).
     """
 
     source: str
@@ -49,17 +59,23 @@ class FormattedData:
     identical: int = 0
     limit: Optional[int] = None
     notes: list[str] = field(default_factory=list)
+    detection: str = ""
+    selection: Optional[str] = None
 
     def describe(self) -> str:
         """One line: source, record count, format, identical pairs and notes."""
         text = f"data: {self.source}: {len(self.records)} records"
-        if self.limit is not None:
-            text += f" (first {self.limit} asked)"
+        selection = self.selection or (f"first {self.limit} asked" if self.limit is not None else None)
+        if selection:
+            text += f" ({selection})"
         detail = {"standard": "prompt/chosen/rejected strings",
                   "conversational": "message lists, chat template at tokenisation",
                   "implicit_prompt": (f"text dialogues, prompt = shared turns up to the last {ASSISTANT_MARKER!r}"
                                       if self.kind == "text" else "message lists, prompt = shared leading messages"),
-                  "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records"}[self.format]
+                  "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records"}.get(self.format)
+        detail = detail or f"{DESCRIPTIONS[self.format]} -> message lists, chat template at tokenisation"
+        if self.detection:
+            detail += f"; {self.detection}"
         text += f", format {self.format} ({detail}), {self.identical} with chosen == rejected"
         return "; ".join([text, *self.notes])
 
@@ -67,21 +83,16 @@ class FormattedData:
 def detect_format(record: dict) -> str:
     """Name the format of one record (one of :data:`FORMATS`).
 
-    Raises :class:`DataError` (without location; callers add it) when no format fits.
+    Raises :class:`DataError` (without location; callers add it) when no format fits, or more
+    than one does.
     """
-    if isinstance(record.get("translation"), dict):
-        return "mt_triplets"
-    prompt = record.get("prompt")
-    if isinstance(prompt, str):
-        return "standard"
-    if isinstance(prompt, list):
-        return "conversational"
-    if prompt is None and "chosen" in record and "rejected" in record:
-        return "implicit_prompt"
-    missing = [name for name in PAIR_FIELDS if record.get(name) is None]
-    raise DataError(f"cannot detect the data format: fields {', '.join(map(repr, missing))} missing "
-                    f"(found {', '.join(map(repr, record)) or 'no fields'}); expected prompt/chosen/rejected, "
-                    "chosen/rejected only (implicit prompt) or an ALMA-R 'translation' record")
+    found = formats_of(record)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DataError(f"cannot detect the data format (found {', '.join(map(repr, record)) or 'no fields'}); "
+                        f"recognised field sets: {recognised_field_sets()}")
+    raise DataError(f"the record fits more than one data format: {', '.join(found)}")
 
 
 def parse_language_pairs(value: Optional[str]) -> Optional[list[str]]:
@@ -92,24 +103,47 @@ def parse_language_pairs(value: Optional[str]) -> Optional[list[str]]:
     return pairs or None
 
 
-def normalise(raw: RawData, data_args: Any) -> FormattedData:
-    """Detect the format of ``raw`` from its first record, validate every record and normalise.
-
-    ``data_args`` is a :class:`preftune.config.DataArguments` (only ``language_pairs``,
-    ``cpo_scorer`` and ``chat_style`` are read, for MT triplets).
-    Raises :class:`DataError` naming source, record and field for any record that does not fit.
-    """
+def _forced_format(data_args: Any, fmt: Optional[str]) -> Optional[str]:
+    if fmt is None:
+        names = getattr(data_args, "dataset_format", None) or []
+        names = [names] if isinstance(names, str) else names
+        fmt = names[0] if len(names) == 1 else None
+    if fmt is None:
+        return None
     try:
-        fmt = detect_format(raw.records[0])
-    except DataError as err:
-        raise DataError(f"{where(raw.source, raw.locations[0])}: {err}") from None
+        return canonical_format(fmt)
+    except ValueError as err:
+        raise DataError(f"--dataset_format: {err}") from None
+
+
+def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> FormattedData:
+    """Detect the format of ``raw`` from all its records (or take ``fmt`` / a single
+    ``data_args.dataset_format``), validate every record and normalise.
+
+    ``data_args`` is a :class:`preftune.config.DataArguments` (``dataset_format``, and
+    ``language_pairs``, ``cpo_scorer`` and ``chat_style`` for MT triplets, are read).
+    Raises :class:`DataError` naming source, record and field for any record that does not fit,
+    and naming the source when no format, or more than one, fits the records.
+    """
+    forced = _forced_format(data_args, fmt)
+    if forced:
+        detection = Detection(forced, raw.locations[0], len(raw.records), len(raw.records), forced=True)
+    else:
+        detection = detect(raw.records, raw.locations, raw.source)
+    fmt = detection.format
     if fmt == "mt_triplets":
-        return _from_triplets(raw, data_args)
-    out = FormattedData(raw.source, fmt, "text", [], raw.locations, limit=raw.limit)
-    multi_turn = empty_reply = 0
+        out = _from_triplets(raw, data_args)
+        out.detection, out.selection = detection.describe(), raw.selection
+        return out
+    out = FormattedData(raw.source, fmt, "text", [], raw.locations, limit=raw.limit,
+                        detection=detection.describe(), selection=raw.selection)
+    multi_turn = empty_reply = with_images = 0
     for record, location in zip(raw.records, raw.locations):
-        here = _Here(raw.source, location, fmt, raw.locations[0])
-        if fmt == "standard":
+        here = Here(raw.source, location, fmt, detection.first)
+        if fmt in CONVERTERS:
+            out.kind = "messages"
+            pair = CONVERTERS[fmt](here, record)
+        elif fmt == "standard":
             pair = {name: here.text(record, name) for name in PAIR_FIELDS}
         elif fmt == "conversational":
             out.kind = "messages"
@@ -123,7 +157,7 @@ def normalise(raw: RawData, data_args: Any) -> FormattedData:
             for name in ("prompt", "translation"):
                 if record.get(name) is not None:
                     raise DataError(f"{where(raw.source, location, name)}: unexpected here; the dataset has an "
-                                    f"implicit prompt (chosen/rejected only, detected from {raw.locations[0]})")
+                                    f"implicit prompt (chosen/rejected only, detected from {detection.first})")
             if isinstance(record.get("chosen"), list):
                 out.kind = "messages"
                 pair = _split_messages(here, here.messages(record, "chosen"), here.messages(record, "rejected"))
@@ -131,70 +165,33 @@ def normalise(raw: RawData, data_args: Any) -> FormattedData:
                 pair = _split_text(here, here.text(record, "chosen"), here.text(record, "rejected"))
                 multi_turn += any(HUMAN_MARKER in pair[name] for name in ("chosen", "rejected"))
                 empty_reply += any(not pair[name].strip() for name in ("chosen", "rejected"))
-        out.identical += pair["chosen"] == pair["rejected"]
+        with_images += _attach_images(here, record, pair, raw.base_dir)
+        out.identical += pair["chosen"] == pair["rejected"] and "rejected_images" not in pair
         out.records.append(pair)
     if empty_reply:
         out.notes.append(f"{empty_reply} pairs with an empty final reply (kept: that completion is the whitespace + EOS)")
     if multi_turn:
         out.notes.append(f"{multi_turn} pairs whose reply after the shared prompt holds a further {HUMAN_MARKER!r} "
                          "turn (kept as is)")
+    if with_images:
+        out.notes.append(f"{with_images} records with images (need a vision-language processor at tokenisation)")
     return out
 
 
-@dataclass
-class _Here:
-    """Validation helpers bound to one record's position."""
-
-    source: str
-    location: str
-    fmt: str
-    first: str
-
-    def fail(self, name: str, problem: str) -> DataError:
-        return DataError(f"{where(self.source, self.location, name)}: {problem}")
-
-    def get(self, record: dict, name: str) -> Any:
-        if record.get(name) is None:
-            raise self.fail(name, "missing")
-        return record[name]
-
-    def text(self, record: dict, name: str) -> str:
-        value = self.get(record, name)
-        if not isinstance(value, str):
-            raise self.fail(name, f"expected a string ({self.fmt} format, detected from {self.first}), "
-                                  f"got {type(value).__name__}")
-        if not value.strip():
-            raise self.fail(name, "empty")
-        return value
-
-    def messages(self, record: dict, name: str, assistant_only: bool = False) -> list[dict]:
-        value = self.get(record, name)
-        if not isinstance(value, list):
-            raise self.fail(name, f"expected a list of messages ({self.fmt} format, detected from {self.first}), "
-                                  f"got {type(value).__name__}")
-        if not value:
-            raise self.fail(name, "empty message list")
-        out = []
-        for index, message in enumerate(value):
-            label = f"{name}[{index}]"
-            if not isinstance(message, dict):
-                raise self.fail(label, f"expected a {{role, content}} message, got {type(message).__name__}")
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                raise self.fail(label + ".role", f"{role!r} is not a valid role ({', '.join(ROLES)})")
-            if assistant_only and role != "assistant":
-                raise self.fail(label + ".role", f"{role!r}: completions must be assistant messages")
-            if content is None:
-                raise self.fail(label + ".content", "missing")
-            if not isinstance(content, str):
-                raise self.fail(label + ".content", f"expected a string, got {type(content).__name__}")
-            if role != "system" and not content.strip():
-                raise self.fail(label + ".content", "empty")
-            out.append({"role": role, "content": content})
-        return out
+def _attach_images(here: Here, record: dict, pair: dict, base_dir: Optional[str]) -> bool:
+    """Resolve ``images`` / ``rejected_images`` onto ``pair``; check them against image parts."""
+    for name in IMAGE_FIELDS:
+        images = resolve_images(here, record, name, base_dir)
+        if images:
+            pair[name] = images
+    if here.image_parts and "images" not in pair:
+        raise here.fail("images", f"missing; the messages hold {here.image_parts} image parts")
+    if here.image_parts and here.fmt == "conversational" and len(pair["images"]) != here.image_parts:
+        raise here.fail("images", f"{len(pair['images'])} images for {here.image_parts} image parts in the messages")
+    return any(name in pair for name in IMAGE_FIELDS)
 
 
-def _split_text(here: _Here, chosen: str, rejected: str) -> dict:
+def _split_text(here: Here, chosen: str, rejected: str) -> dict:
     """HH-RLHF text: prompt = common prefix cut back to (and including) its last Assistant marker."""
     limit = min(len(chosen), len(rejected))
     common = next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
@@ -209,7 +206,7 @@ def _split_text(here: _Here, chosen: str, rejected: str) -> dict:
     return {"prompt": chosen[:end], "chosen": chosen[end:], "rejected": rejected[end:]}
 
 
-def _split_messages(here: _Here, chosen: list[dict], rejected: list[dict]) -> dict:
+def _split_messages(here: Here, chosen: list[dict], rejected: list[dict]) -> dict:
     """Message lists: prompt = common leading messages; the rest must be assistant messages."""
     limit = min(len(chosen), len(rejected)) - 1  # leave at least one message on each side
     shared = next((i for i in range(limit) if chosen[i] != rejected[i]), max(limit, 0))

@@ -1,6 +1,9 @@
 """Reading raw records from a file, a Hub dataset or the shipped demo set.
 
-``--dataset`` takes ``PATH`` or ``PATH#N`` (the first N records, ms-swift's convention). JSON-lines
+``--dataset`` takes ``PATH`` or ``PATH#N``: the first N records (``--dataset_sample first``, the
+default), or N records drawn at random without replacement with the run's seed
+(``--dataset_sample random``, ms-swift's meaning of ``#N``; as in ms-swift, N larger than the file
+repeats the whole file ``N // len`` times and draws the remainder at random). JSON-lines
 files (``.jsonl``, ``.jsonl.gz``) are read here line by line so that a bad record can be named by
 its line number; ``.json`` is read with the standard library (line and column of a syntax error);
 ``.parquet`` and ``.csv`` go through :mod:`datasets`; anything that is not a local path and looks
@@ -13,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +28,7 @@ DEMO_NAME = "demo.jsonl"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 JSON_SUFFIXES = (".json", ".json.gz")
 DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+SAMPLE_MODES = ("first", "random")
 SUPPORTED = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + tuple(DATASETS_SUFFIXES))
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
@@ -34,19 +39,25 @@ class RawData:
 
     ``locations[i]`` names record ``i`` in error messages (``"line 7"`` for JSON lines,
     ``"record 3"`` otherwise, 1-based). ``limit`` is the N of ``PATH#N`` (None without it).
+    ``base_dir``: the folder of a local file (relative image paths resolve against it; None for
+    Hub data). ``selection``: which records ``PATH#N`` took, in words (None without ``#N``).
     """
 
     source: str
     records: list[dict]
     locations: list[str]
     limit: Optional[int] = None
+    base_dir: Optional[str] = None
+    selection: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.selection is None and self.limit is not None:
+            self.selection = f"first {self.limit} asked" + ("" if len(self.records) == self.limit else ", file is shorter")
 
     def describe(self) -> str:
         """``"<source>: 200 records (first 200 asked)"`` style summary."""
         text = f"{self.source}: {len(self.records)} records"
-        if self.limit is not None:
-            text += f" (first {self.limit} asked" + ("" if len(self.records) == self.limit else ", file is shorter") + ")"
-        return text
+        return text + (f" ({self.selection})" if self.selection else "")
 
 
 def parse_spec(spec: str) -> tuple[str, Optional[int]]:
@@ -69,15 +80,36 @@ def demo_path() -> str:
         return str(path)
 
 
-def load_raw(spec: Optional[str]) -> RawData:
+def load_raw(spec: Optional[str], *, sample: str = "first", seed: int = 0) -> RawData:
     """Read the records named by ``spec`` (``None``: the demo set).
 
+    ``sample``: what ``#N`` takes, ``"first"`` N records or ``"random"`` N drawn with ``seed`` (see
+    the module docstring; the drawn records keep their file order).
     Raises :class:`DataError` for a missing file, an unsupported extension, an unparsable line or
     record (naming file and line), a record that is not a JSON object, or a Hub load failure.
     """
+    if sample not in SAMPLE_MODES:
+        raise DataError(f"--dataset_sample {sample!r} is not valid; choose one of: {', '.join(SAMPLE_MODES)}")
     if spec is None:
         return _read_jsonl(demo_path(), None)
     path, limit = parse_spec(spec)
+    if sample == "random" and limit is not None:
+        return draw(_load_path(path, None), limit, seed)
+    return _load_path(path, limit)
+
+
+def draw(raw: RawData, n: int, seed: int) -> RawData:
+    """``n`` records of ``raw`` drawn at random without replacement (a private generator seeded
+    with ``seed``), kept in file order; ``n`` > len repeats every record ``n // len`` times first."""
+    total = len(raw.records)
+    rounds, rest = divmod(n, total)
+    index = sorted(list(range(total)) * rounds + random.Random(seed).sample(range(total), rest))
+    selection = f"random {n} of {total}, seed {seed}" + (f", every record {rounds}x + {rest} drawn" if rounds else "")
+    return RawData(raw.source, [raw.records[i] for i in index], [raw.locations[i] for i in index], n,
+                   raw.base_dir, selection)
+
+
+def _load_path(path: str, limit: Optional[int]) -> RawData:
     lower = path.lower()
     if os.path.isdir(path):
         raise DataError(f"--dataset {path!r} is a directory; give a file ({SUPPORTED}) or a Hub id")
@@ -215,4 +247,6 @@ def _read_hub(name: str, limit: Optional[int]) -> RawData:
 def _finish(raw: RawData) -> RawData:
     if not raw.records:
         raise DataError(f"{raw.source}: no records")
+    if os.path.isfile(raw.source):
+        raw.base_dir = os.path.dirname(os.path.abspath(raw.source))
     return raw

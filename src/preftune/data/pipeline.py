@@ -1,16 +1,24 @@
-"""The data entry point of the trainer: file / Hub id / demo set -> tokenised train and eval pairs."""
+"""The data entry point of the trainer: files / Hub ids / demo set -> tokenised train and eval pairs.
+
+Several ``--dataset`` files are read one by one (each with its own ``#N`` and its own detected
+format, or its own ``--dataset_format``), renamed with ``--columns``, normalised, and concatenated
+in the order given; the ``--eval_ratio`` split is drawn over the concatenation. The report has a
+line per file (records, format) and, with more than one file, the tokenisation counts per file
+before the totals.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from preftune.types import TokenizedPair
 
+from .columns import parse_columns, rename_columns
 from .errors import DataError
 from .formats import FormattedData, normalise
-from .loading import RawData, load_raw
+from .loading import load_raw
 from .split import split_indices
 from .tokenize import TokenizeStats, tokenize_records
 
@@ -23,8 +31,10 @@ class PreferenceData:
 
     ``train`` / ``eval``: lists of :class:`TokenizedPair` (``eval`` is None without
     ``--eval_ratio`` / ``--eval_file``). ``report``: the log lines (format detection, split,
-    tokenisation counts), newline-joined. ``format``: the training data's format
-    (``standard``, ``conversational``, ``implicit_prompt`` or ``mt_triplets``).
+    tokenisation counts), newline-joined. ``format``: the training data's format (``standard``,
+    ``conversational``, ``implicit_prompt``, ``mt_triplets``, ``swift2``, ``swift3``, ``sharegpt``,
+    ``alpaca``; several files of different formats: joined with ``+``). ``train_files`` /
+    ``eval_files``: ``(source, format, stats)`` per file, in the order given.
     """
 
     train: list[TokenizedPair]
@@ -33,6 +43,8 @@ class PreferenceData:
     format: str
     train_stats: Optional[TokenizeStats] = None
     eval_stats: Optional[TokenizeStats] = None
+    train_files: list[tuple[str, str, TokenizeStats]] = field(default_factory=list)
+    eval_files: list[tuple[str, str, TokenizeStats]] = field(default_factory=list)
 
 
 def _subset(data: FormattedData, index: list[int]) -> FormattedData:
@@ -40,19 +52,55 @@ def _subset(data: FormattedData, index: list[int]) -> FormattedData:
                          [data.locations[i] for i in index], limit=data.limit)
 
 
-def build_datasets(data_args: Any, tokenizer: Any, seed: int, *, train_raw: Optional[RawData] = None,
-                   eval_raw: Optional[RawData] = None) -> PreferenceData:
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _formats_for(data_args: Any, count: int) -> list[Optional[str]]:
+    """One forced format (or None = detect) per --dataset file."""
+    names = _as_list(getattr(data_args, "dataset_format", None))
+    if not names:
+        return [None] * count
+    if len(names) == 1:
+        return names * count
+    if len(names) != count:
+        raise DataError(f"--dataset_format: {len(names)} names for {count} --dataset files; give one name for "
+                        "all, or one per file (auto = detect)")
+    return names
+
+
+def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label: str, say) -> tuple:
+    pairs: list[TokenizedPair] = []
+    files = []
+    for part in parts:
+        if not part.records:
+            continue
+        kept, stats = tokenize_records(part.records, tokenizer, data_args, locations=part.locations,
+                                       source=part.source)
+        pairs += kept
+        files.append((part.source, part.format, stats))
+    if len(files) > 1:
+        for source, _, stats in files:
+            say(stats.summary(f"{label}: {source}"))
+    total = TokenizeStats.combine([stats for _, _, stats in files])
+    say(total.summary(label))
+    return pairs, total, files
+
+
+def build_datasets(data_args: Any, tokenizer: Any, seed: int) -> PreferenceData:
     """Load, validate, split and tokenise the data named by ``data_args``.
 
     ``data_args``: :class:`preftune.config.DataArguments` (``dataset`` None -> the demo set shipped
-    in ``preftune/resources/demo.jsonl``). ``seed`` fixes the ``--eval_ratio`` split.
-    ``train_raw`` / ``eval_raw``: records already in memory (:func:`records_to_raw`, e.g. the
-    Python API's ``train_dataset``), used instead of ``--dataset`` / ``--eval_file``.
+    in ``preftune/resources/demo.jsonl``; a string or a list of files). ``seed`` fixes the
+    ``--eval_ratio`` split and ``--dataset_sample random``.
     Every report line is also logged (logger ``preftune.data``, INFO).
     Raises :class:`DataError` for bad data, for ``--eval_file`` together with ``--eval_ratio``, or
     when tokenisation drops every training pair.
     """
-    if (data_args.eval_file or eval_raw is not None) and data_args.eval_ratio > 0:
+    eval_specs = _as_list(data_args.eval_file)
+    if eval_specs and data_args.eval_ratio > 0:
         raise DataError("give --eval_file or --eval_ratio, not both")
     lines: list[str] = []
 
@@ -60,48 +108,49 @@ def build_datasets(data_args: Any, tokenizer: Any, seed: int, *, train_raw: Opti
         lines.append(line)
         logger.info(line)
 
-    train = normalise(train_raw if train_raw is not None else load_raw(data_args.dataset), data_args)
-    say(train.describe())
-    evaluation: Optional[FormattedData] = None
+    try:
+        columns = parse_columns(getattr(data_args, "columns", None))
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    sample = getattr(data_args, "dataset_sample", "first")
+    specs = _as_list(data_args.dataset) or [None]
+    raws = [load_raw(spec, sample=sample, seed=seed) for spec in specs]
+    eval_raws = [load_raw(spec, sample=sample, seed=seed) for spec in eval_specs]
+    rename_columns(raws + eval_raws, columns)
+    forced = _formats_for(data_args, len(raws))
+    parts = [normalise(raw, data_args, fmt=fmt or "auto") for raw, fmt in zip(raws, forced)]
+    for part in parts:
+        say(part.describe())
+    total = sum(len(part.records) for part in parts)
+    if len(parts) > 1:
+        say(f"data: {len(parts)} files, {total} records (" +
+            ", ".join(f"{part.source}: {len(part.records)}" for part in parts) + ")")
+    evaluation: Optional[list[FormattedData]] = None
     if data_args.eval_ratio > 0:
-        train_index, eval_index = split_indices(len(train.records), data_args.eval_ratio, seed, source=train.source)
-        train, evaluation = _subset(train, train_index), _subset(train, eval_index)
-        say(f"data: eval split: {len(eval_index)} of {len(train_index) + len(eval_index)} records held out "
+        train_index, eval_index = split_indices(total, data_args.eval_ratio, seed,
+                                                source=" + ".join(part.source for part in parts))
+        offsets = [sum(len(p.records) for p in parts[:i]) for i in range(len(parts))]
+
+        def pick(index: list[int]) -> list[FormattedData]:
+            return [_subset(part, [i - start for i in index if start <= i < start + len(part.records)])
+                    for part, start in zip(parts, offsets)]
+
+        parts, evaluation = pick(train_index), pick(eval_index)
+        say(f"data: eval split: {len(eval_index)} of {total} records held out "
             f"(eval_ratio {data_args.eval_ratio}, seed {seed})")
-    elif data_args.eval_file or eval_raw is not None:
-        evaluation = normalise(eval_raw if eval_raw is not None else load_raw(data_args.eval_file), data_args)
-        say(evaluation.describe().replace("data: ", "eval data: ", 1))
+    elif eval_raws:
+        eval_format = (forced[0] if len(set(forced)) == 1 else None) or "auto"  # one name given: eval too
+        evaluation = [normalise(raw, data_args, fmt=eval_format) for raw in eval_raws]
+        for part in evaluation:
+            say(part.describe().replace("data: ", "eval data: ", 1))
 
-    train_pairs, train_stats = tokenize_records(train.records, tokenizer, data_args, locations=train.locations,
-                                                source=train.source)
-    say(train_stats.summary("data"))
+    train_pairs, train_stats, train_files = _tokenize(parts, tokenizer, data_args, "data", say)
     if not train_pairs:
-        raise DataError(f"{train.source}: every training pair was dropped at tokenisation "
-                        f"({train_stats.summary('data')}); raise --max_length or set --max_prompt_length")
-    eval_pairs, eval_stats = None, None
+        raise DataError(f"{' + '.join(part.source for part in parts)}: every training pair was dropped at "
+                        f"tokenisation ({train_stats.summary('data')}); raise --max_length or set --max_prompt_length")
+    eval_pairs, eval_stats, eval_files = None, None, []
     if evaluation is not None:
-        eval_pairs, eval_stats = tokenize_records(evaluation.records, tokenizer, data_args,
-                                                  locations=evaluation.locations, source=evaluation.source)
-        say(eval_stats.summary("eval data"))
-    return PreferenceData(train_pairs, eval_pairs, "\n".join(lines), train.format, train_stats, eval_stats)
-
-
-def records_to_raw(records: Any, source: str) -> RawData:
-    """Records in memory -> :class:`RawData` (the in-memory entry point of :func:`build_datasets`).
-
-    ``records``: a :class:`datasets.Dataset` (read with ``to_list``) or a list/tuple of dicts, in
-    any format :func:`preftune.data.formats.normalise` recognises. ``source`` names them in
-    messages (e.g. ``"train_dataset"``); records are named ``record 1``, ``record 2`` ... (1-based).
-    Raises :class:`DataError` for an empty collection, an element that is not a dict, or another type
-    (an ``IterableDataset`` included: preftune tokenises and counts the whole set before training).
-    """
-    if hasattr(records, "to_list") and hasattr(records, "column_names"):
-        records = records.to_list()
-    if not isinstance(records, (list, tuple)):
-        raise DataError(f"{source}: expected a datasets.Dataset or a list of dicts, got {type(records).__name__}")
-    for index, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            raise DataError(f"{source}, record {index}: expected a dict, got {type(record).__name__}")
-    if not records:
-        raise DataError(f"{source}: no records")
-    return RawData(source, list(records), [f"record {i}" for i in range(1, len(records) + 1)])
+        eval_pairs, eval_stats, eval_files = _tokenize(evaluation, tokenizer, data_args, "eval data", say)
+    fmt = "+".join(dict.fromkeys(part.format for part in parts))
+    return PreferenceData(train_pairs, eval_pairs, "\n".join(lines), fmt, train_stats, eval_stats,
+                          train_files, eval_files)

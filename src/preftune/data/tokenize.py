@@ -25,6 +25,9 @@ completion is cut to ``max_length - len(prompt)`` tokens (keeping its start; a c
 its EOS). Unlike TRL, ``keep_end`` keeps a leading BOS the tokenizer added. Without ``max_length``
 the prompt is cut to ``max_prompt_length`` whenever longer. A pair whose completion would become
 empty is dropped. Every cut and drop is counted in :class:`TokenizeStats`.
+
+Records with ``images`` / ``rejected_images`` (:mod:`preftune.data.media`) are an error here: a
+text-only tokenizer cannot encode them, and they are never dropped silently.
 """
 
 from __future__ import annotations
@@ -58,6 +61,17 @@ class TokenizeStats:
     dropped: Counter = field(default_factory=Counter)
     boundary_mismatches: int = 0
     identical: int = 0
+
+    @classmethod
+    def combine(cls, parts: list[TokenizeStats]) -> TokenizeStats:
+        """The sum of several files' counts."""
+        out = cls()
+        for part in parts:
+            for name in ("records", "kept", "prompts_truncated", "completions_truncated", "boundary_mismatches",
+                         "identical"):
+                setattr(out, name, getattr(out, name) + getattr(part, name))
+            out.dropped.update(part.dropped)
+        return out
 
     @property
     def num_dropped(self) -> int:
@@ -146,6 +160,17 @@ class _Encoder:
         return ids if ids[-1:] == [self.eos_id] else ids + [self.eos_id]
 
 
+def _check_no_images(record: dict, tokenizer: Any, location: str, source: str) -> None:
+    for name in ("images", "rejected_images"):
+        if record.get(name):
+            what = ("a processor, but preftune does not tokenise image inputs yet"
+                    if hasattr(tokenizer, "image_processor") else
+                    f"the model's tokenizer ({type(tokenizer).__name__}) is text-only (no image processor)")
+            raise DataError(f"{where(source, location, name)}: {len(record[name])} image(s) given, but {what}; "
+                            "use a vision-language model, or leave the images out explicitly "
+                            f"(e.g. --columns {name}=unused_{name})")
+
+
 def _render(records: list[dict], tokenizer: Any, locations: list[str], source: str):
     """Texts to encode: (prompt, chosen, rejected, prompt_special) per record."""
     rendered = []
@@ -182,10 +207,13 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     :class:`preftune.config.DataArguments` (``max_length``, ``max_prompt_length``,
     ``max_completion_length``, ``truncation_mode`` are read). ``locations`` / ``source`` name
     records in errors. Returns the kept pairs (lists of token ids) and the counts.
-    Raises :class:`DataError` for a tokenizer without EOS or chat template (when needed), or a
-    chat template whose prompt rendering is not a prefix of the full rendering.
+    Raises :class:`DataError` for a tokenizer without EOS or chat template (when needed), a
+    chat template whose prompt rendering is not a prefix of the full rendering, or a record with
+    images (file, record, field ``images``).
     """
     locations = locations or [f"record {i}" for i in range(1, len(records) + 1)]
+    for record, location in zip(records, locations):
+        _check_no_images(record, tokenizer, location, source)
     encoder = _Encoder(tokenizer, source)
     rendered = _render(records, tokenizer, locations, source)
     stats = TokenizeStats(records=len(records))
@@ -217,6 +245,7 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
             stats.dropped[drop] += 1
             continue
         stats.identical += chosen == rejected
-        pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected))
+        pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
+                                   location=where(source, locations[i])))
     stats.kept = len(pairs)
     return pairs, stats

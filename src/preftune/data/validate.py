@@ -1,0 +1,156 @@
+"""Checks of one record's fields, with errors that name file, record and field.
+
+:class:`Here` is bound to one record's position; every converter (:mod:`.formats`,
+:mod:`.ecosystems`) reads fields through it, so a bad value is always reported as
+``"<file>, <record>, field '<name>': <problem>"`` (:func:`preftune.data.errors.where`).
+
+Message content may be a string or, as in TRL's vision format, a list of parts
+``{"type": "text", "text": ...}`` / ``{"type": "image", ...}``: a list of text parts only is joined
+into one string (so text models see plain strings); a list holding image parts is kept as is and
+its image parts are counted in :attr:`Here.image_parts` (the record must then carry ``images``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import DataError, where
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Here:
+    """Validation helpers bound to one record: ``source`` (file), ``location`` (``line 7``),
+    ``fmt`` (the format it is held to) and ``first`` (where that format was detected)."""
+
+    source: str
+    location: str
+    fmt: str
+    first: str
+    image_parts: int = 0
+
+    def fail(self, name: str, problem: str) -> DataError:
+        """A :class:`DataError` for field ``name`` of this record."""
+        return DataError(f"{where(self.source, self.location, name)}: {problem}")
+
+    def get(self, record: dict, name: str) -> Any:
+        """The value of ``name``; missing or None is an error."""
+        if record.get(name) is None:
+            raise self.fail(name, "missing")
+        return record[name]
+
+    def text(self, record: dict, name: str, value: Any = None, *, allow_empty: bool = False) -> str:
+        """A non-empty string field (``value`` given: check that value, reported as field ``name``)."""
+        value = self.get(record, name) if value is None else value
+        if not isinstance(value, str):
+            raise self.fail(name, f"expected a string ({self.fmt} format, detected from {self.first}), "
+                                  f"got {type(value).__name__}")
+        if not allow_empty and not value.strip():
+            raise self.fail(name, "empty")
+        return value
+
+    def optional_text(self, record: dict, name: str) -> Optional[str]:
+        """A string field that may be absent; absent, None or blank gives None."""
+        value = record.get(name)
+        if value is None:
+            return None
+        value = self.text(record, name, value, allow_empty=True)
+        return value if value.strip() else None
+
+    def history(self, record: dict, name: str = "history") -> list[tuple[str, str]]:
+        """``[[query, response], ...]`` (swift / Alpaca); a JSON or Python-literal string of that
+        list (CSV files) is parsed. Absent or None gives ``[]``."""
+        value = record.get(name)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = _parse_literal(value)
+            if value is None:
+                raise self.fail(name, "a string that is not a JSON list of [query, response] pairs")
+        if not isinstance(value, (list, tuple)):
+            raise self.fail(name, f"expected a list of [query, response] pairs, got {type(value).__name__}")
+        turns = []
+        for index, turn in enumerate(value):
+            label = f"{name}[{index}]"
+            if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+                raise self.fail(label, f"expected a [query, response] pair, got {turn!r:.60}")
+            turns.append((self.text(record, label + "[0]", turn[0]), self.text(record, label + "[1]", turn[1])))
+        return turns
+
+    def messages(self, record: dict, name: str, assistant_only: bool = False, value: Any = None) -> list[dict]:
+        """A non-empty list of ``{role, content}`` messages (roles :data:`ROLES`)."""
+        value = self.get(record, name) if value is None else value
+        if not isinstance(value, list):
+            raise self.fail(name, f"expected a list of messages ({self.fmt} format, detected from {self.first}), "
+                                  f"got {type(value).__name__}")
+        if not value:
+            raise self.fail(name, "empty message list")
+        out = []
+        for index, message in enumerate(value):
+            label = f"{name}[{index}]"
+            if not isinstance(message, dict):
+                raise self.fail(label, f"expected a {{role, content}} message, got {type(message).__name__}")
+            role = message.get("role")
+            if role not in ROLES:
+                raise self.fail(label + ".role", f"{role!r} is not a valid role ({', '.join(ROLES)})")
+            if assistant_only and role != "assistant":
+                raise self.fail(label + ".role", f"{role!r}: completions must be assistant messages")
+            out.append({"role": role, "content": self.content(message.get("content"), label + ".content",
+                                                               allow_empty=role == "system")})
+        return out
+
+    def content(self, content: Any, label: str, allow_empty: bool = False) -> Any:
+        """A message's content: a string, or a list of text / image parts (see the module docstring)."""
+        if content is None:
+            raise self.fail(label, "missing")
+        if isinstance(content, list):
+            return self._parts(content, label, allow_empty)
+        if not isinstance(content, str):
+            raise self.fail(label, f"expected a string or a list of content parts, got {type(content).__name__}")
+        if not allow_empty and not content.strip():
+            raise self.fail(label, "empty")
+        return content
+
+    def _parts(self, parts: list, label: str, allow_empty: bool) -> Any:
+        images = 0
+        texts = []
+        for index, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise self.fail(f"{label}[{index}].text", "expected a string")
+                texts.append(part["text"])
+            elif kind == "image":
+                images += 1
+            else:
+                raise self.fail(f"{label}[{index}]", f"expected a {{'type': 'text' | 'image'}} part, got {part!r:.60}")
+        if images:
+            self.image_parts += images
+            return [dict(part) for part in parts]
+        text = "".join(texts)
+        if not allow_empty and not text.strip():
+            raise self.fail(label, "empty")
+        return text
+
+
+def _parse_literal(text: str) -> Any:
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return None
+
+
+def user(content: Any) -> dict:
+    """``{"role": "user", "content": content}``."""
+    return {"role": "user", "content": content}
+
+
+def assistant(content: Any) -> dict:
+    """``{"role": "assistant", "content": content}``."""
+    return {"role": "assistant", "content": content}
