@@ -100,11 +100,31 @@ class DataArguments:
 
     _argument_group_name = "data"
 
-    dataset: Optional[str] = field(
+    dataset: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "json/jsonl/jsonl.gz/parquet/csv file or Hub id; 'path#N' takes the first N records. "
-                  "Default: a small demo set shipped with preftune."})
-    eval_file: Optional[str] = field(default=None, metadata={"help": "Separate evaluation file."})
+        metadata={"help": "One or more json/jsonl/jsonl.gz/parquet/csv files or Hub ids (--dataset a.jsonl#1000 "
+                  "b.json), concatenated; each file's format is detected on its own. 'path#N' takes the FIRST N "
+                  "records (ms-swift's #N is a random sample without replacement, repeating the file when N is "
+                  "larger: --dataset_sample random gives that). Default: a small demo set shipped with preftune."})
+    dataset_format: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Force the record format instead of detecting it from the fields of all records: one "
+                  "name for every file, or one per --dataset file (auto = detect). standard, conversational "
+                  "(TRL), implicit_prompt (HH-RLHF), mt_triplets (ALMA-R), swift2 (query/response/"
+                  "rejected_response/history), swift3 (messages + rejected_response or rejected_messages; ms-swift "
+                  "3.x/4.x), sharegpt (LLaMA-Factory ranking: conversations + chosen/rejected), alpaca "
+                  "(instruction/input/chosen/rejected)."})
+    dataset_sample: str = field(
+        default="first",
+        metadata={"help": "What 'path#N' takes: first (the first N records) or random (N drawn without "
+                  "replacement with --seed, in file order; N above the file size repeats it, as in ms-swift)."})
+    columns: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Rename fields before format detection: old=new ... (or a JSON object {\"old\": "
+                  "\"new\"}, as ms-swift's --columns). LLaMA-Factory's columns map the other way: its "
+                  "\"messages\": \"conversations\" is conversations=messages here."})
+    eval_file: Optional[list[str]] = field(
+        default=None, metadata={"help": "Separate evaluation file(s) ('path#N' as for --dataset)."})
     eval_ratio: float = field(default=0.0, metadata={"help": "Share of --dataset held out for evaluation (seeded)."})
     max_length: Optional[int] = field(default=512, metadata={"help": "Max tokens of prompt + completion."})
     max_prompt_length: Optional[int] = field(default=256, metadata={"help": "Max prompt tokens."})
@@ -118,7 +138,32 @@ class DataArguments:
     chat_style: bool = field(default=False, metadata={"help": "MT triplet data: wrap the prompt in the chat template."})
 
     def __post_init__(self) -> None:
+        from preftune.data.columns import parse_columns
+        from preftune.data.detect import canonical_format
+
         _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        _check_choice("dataset_sample", self.dataset_sample, ("first", "random"))
+        for name in ("dataset", "eval_file", "dataset_format"):  # one string (YAML, Python) -> a list
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None:
+                setattr(self, name, list(value) or None)
+        if self.dataset_format:
+            try:
+                self.dataset_format = [canonical_format(name) or "auto" for name in self.dataset_format]
+            except ValueError as err:
+                raise ConfigError(f"--dataset_format: {err}") from None
+            count = len(self.dataset) if self.dataset else 1
+            if len(self.dataset_format) not in (1, count):
+                raise ConfigError(f"--dataset_format: {len(self.dataset_format)} names for {count} --dataset files; "
+                                  "give one name for all, or one per file (auto = detect)")
+        if self.columns is not None:
+            try:
+                mapping = parse_columns(self.columns)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            self.columns = [f"{old}={new}" for old, new in mapping.items()] or None
         if not 0.0 <= self.eval_ratio < 1.0:
             raise ConfigError(f"--eval_ratio must be in [0, 1), got {self.eval_ratio}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
