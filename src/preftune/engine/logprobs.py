@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from preftune.engine.attention import attention_inputs  # noqa: F401  (re-exported)
 from preftune.engine.kinds import kind_for
+from preftune.errors import UnsupportedModelError
 from preftune.types import PolicyLogps
 
 
@@ -67,6 +68,9 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     batch's precomputed reference log-probs when present.
     """
     kind = kind_for(model)
+    if getattr(kind, "scores_sequences", False):  # a reward model: no LM head to score tokens with
+        raise UnsupportedModelError(f"{type(model).__name__} is a reward model (value head, no LM head): it gives "
+                                    "rewards (preftune.engine.rewards.sequence_rewards, --loss rm), not log-probs")
     flat, extras = kind.hidden_at_targets(model, batch)
     logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size)
     num_pairs = int(batch["num_pairs"])
