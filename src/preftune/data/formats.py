@@ -166,6 +166,8 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
                 multi_turn += any(HUMAN_MARKER in pair[name] for name in ("chosen", "rejected"))
                 empty_reply += any(not pair[name].strip() for name in ("chosen", "rejected"))
         with_images += _attach_images(here, record, pair, raw.base_dir)
+        if fmt not in CONVERTERS and record.get("margin") is not None:
+            pair["margin"] = record["margin"]  # reward-model margin (TRL / Llama 2); checked at tokenisation
         out.identical += pair["chosen"] == pair["rejected"] and "rejected_images" not in pair
         out.records.append(pair)
     if empty_reply:

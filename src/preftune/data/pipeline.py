@@ -18,7 +18,7 @@ from preftune.types import TokenizedPair
 from .columns import parse_columns, rename_columns
 from .errors import DataError
 from .formats import FormattedData, normalise
-from .loading import load_raw
+from .loading import RawData, load_raw
 from .split import split_indices
 from .tokenize import TokenizeStats, tokenize_records
 
@@ -89,8 +89,12 @@ def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label:
     return pairs, total, files
 
 
-def build_datasets(data_args: Any, tokenizer: Any, seed: int) -> PreferenceData:
+def build_datasets(data_args: Any, tokenizer: Any, seed: int, *, train_raw: Optional[RawData] = None,
+                   eval_raw: Optional[RawData] = None) -> PreferenceData:
     """Load, validate, split and tokenise the data named by ``data_args``.
+
+    ``train_raw`` / ``eval_raw``: records already in memory (:func:`records_to_raw`, e.g. the Python
+    API's ``train_dataset`` / ``eval_dataset``), used instead of ``--dataset`` / ``--eval_file``.
 
     ``data_args``: :class:`preftune.config.DataArguments` (``dataset`` None -> the demo set shipped
     in ``preftune/resources/demo.jsonl``; a string or a list of files). ``seed`` fixes the
@@ -100,7 +104,7 @@ def build_datasets(data_args: Any, tokenizer: Any, seed: int) -> PreferenceData:
     when tokenisation drops every training pair.
     """
     eval_specs = _as_list(data_args.eval_file)
-    if eval_specs and data_args.eval_ratio > 0:
+    if (eval_specs or eval_raw is not None) and data_args.eval_ratio > 0:
         raise DataError("give --eval_file or --eval_ratio, not both")
     lines: list[str] = []
 
@@ -114,8 +118,9 @@ def build_datasets(data_args: Any, tokenizer: Any, seed: int) -> PreferenceData:
         raise DataError(str(err)) from None
     sample = getattr(data_args, "dataset_sample", "first")
     specs = _as_list(data_args.dataset) or [None]
-    raws = [load_raw(spec, sample=sample, seed=seed) for spec in specs]
-    eval_raws = [load_raw(spec, sample=sample, seed=seed) for spec in eval_specs]
+    raws = [load_raw(spec, sample=sample, seed=seed) for spec in specs] if train_raw is None else [train_raw]
+    eval_raws = ([load_raw(spec, sample=sample, seed=seed) for spec in eval_specs] if eval_raw is None
+                 else [eval_raw])
     rename_columns(raws + eval_raws, columns)
     forced = _formats_for(data_args, len(raws))
     parts = [normalise(raw, data_args, fmt=fmt or "auto") for raw, fmt in zip(raws, forced)]
@@ -154,3 +159,24 @@ def build_datasets(data_args: Any, tokenizer: Any, seed: int) -> PreferenceData:
     fmt = "+".join(dict.fromkeys(part.format for part in parts))
     return PreferenceData(train_pairs, eval_pairs, "\n".join(lines), fmt, train_stats, eval_stats,
                           train_files, eval_files)
+
+
+def records_to_raw(records: Any, source: str) -> RawData:
+    """Records in memory -> :class:`RawData` (the in-memory entry point of :func:`build_datasets`).
+
+    ``records``: a :class:`datasets.Dataset` (read with ``to_list``) or a list/tuple of dicts, in
+    any format :func:`preftune.data.formats.normalise` recognises. ``source`` names them in
+    messages (e.g. ``"train_dataset"``); records are named ``record 1``, ``record 2`` ... (1-based).
+    Raises :class:`DataError` for an empty collection, an element that is not a dict, or another type
+    (an ``IterableDataset`` included: preftune tokenises and counts the whole set before training).
+    """
+    if hasattr(records, "to_list") and hasattr(records, "column_names"):
+        records = records.to_list()
+    if not isinstance(records, (list, tuple)):
+        raise DataError(f"{source}: expected a datasets.Dataset or a list of dicts, got {type(records).__name__}")
+    for index, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{source}, record {index}: expected a dict, got {type(record).__name__}")
+    if not records:
+        raise DataError(f"{source}: no records")
+    return RawData(source, list(records), [f"record {i}" for i in range(1, len(records) + 1)])
