@@ -32,6 +32,8 @@ text-only tokenizer cannot encode them, and they are never dropped silently.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -51,7 +53,8 @@ class TokenizeStats:
     was cut; ``completions_truncated``: completions cut (chosen and rejected counted separately);
     ``dropped``: reason -> pairs dropped; ``boundary_mismatches``: pairs whose joined
     prompt+completion text encodes differently from the separate encodings; ``identical``: kept
-    pairs whose chosen and rejected tokens are equal.
+    pairs whose chosen and rejected tokens are equal; ``kept_index``: the position in ``records`` of
+    each returned pair (this call only; :meth:`combine` leaves it empty).
     """
 
     records: int = 0
@@ -61,6 +64,7 @@ class TokenizeStats:
     dropped: Counter = field(default_factory=Counter)
     boundary_mismatches: int = 0
     identical: int = 0
+    kept_index: list = field(default_factory=list)
 
     @classmethod
     def combine(cls, parts: list[TokenizeStats]) -> TokenizeStats:
@@ -198,6 +202,20 @@ def _render(records: list[dict], tokenizer: Any, locations: list[str], source: s
     return rendered
 
 
+def _margin(record: dict, location: str, source: str) -> Optional[float]:
+    """The record's reward-model ``margin`` as a float, None without one.
+
+    Raises :class:`DataError` (file, record, field ``margin``) for a non-numeric or non-finite value.
+    """
+    value = record.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise DataError(f"{where(source, location, 'margin')}: expected a finite number (the reward margin of "
+                        f"--loss rm), got {value!r}")
+    return float(value)
+
+
 def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, locations: Optional[list[str]] = None,
                      source: str = "data") -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenise and truncate normalised records (see the module docstring for the exact rules).
@@ -206,7 +224,8 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     output of :func:`preftune.data.formats.normalise`). ``data_args``: a
     :class:`preftune.config.DataArguments` (``max_length``, ``max_prompt_length``,
     ``max_completion_length``, ``truncation_mode`` are read). ``locations`` / ``source`` name
-    records in errors. Returns the kept pairs (lists of token ids) and the counts.
+    records in errors. Returns the kept pairs (lists of token ids, with the record's ``margin``) and
+    the counts.
     Raises :class:`DataError` for a tokenizer without EOS or chat template (when needed), a
     chat template whose prompt rendering is not a prefix of the full rendering, or a record with
     images (file, record, field ``images``).
@@ -214,6 +233,7 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     locations = locations or [f"record {i}" for i in range(1, len(records) + 1)]
     for record, location in zip(records, locations):
         _check_no_images(record, tokenizer, location, source)
+    margins = [_margin(record, location, source) for record, location in zip(records, locations)]
     encoder = _Encoder(tokenizer, source)
     rendered = _render(records, tokenizer, locations, source)
     stats = TokenizeStats(records=len(records))
@@ -245,7 +265,8 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
             stats.dropped[drop] += 1
             continue
         stats.identical += chosen == rejected
-        pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
+        stats.kept_index.append(i)
+        pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected, margin=margins[i],
                                    location=where(source, locations[i])))
     stats.kept = len(pairs)
     return pairs, stats
