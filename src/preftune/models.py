@@ -13,6 +13,7 @@ LoRA and the reference policy live in :mod:`preftune.peft_utils`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -317,8 +318,12 @@ def _bnb_4bit_config(compute_dtype):
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bit: bool = False):
+def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bit: bool = False,
+               reward_model: bool = False):
     """Load the causal LM named by ``model_args`` (Hub id, directory, .gguf file or the default).
+
+    ``reward_model``: load it as ``AutoModelForSequenceClassification`` with ``num_labels=1``
+    instead (:func:`reward_model_loading`): the same body with a scalar head ``score``.
 
     Args:
         model_args: ``model_name_or_path``, ``dtype``, ``attn_implementation``, ``trust_remote_code``,
@@ -349,15 +354,53 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
     check_weight_files(source, model_args.allow_pickle_weights)
     if not model_args.allow_pickle_weights:
         kwargs["use_safetensors"] = True  # a Hub repo with pickle weights only is refused the same way
-    model = _from_pretrained(
-        AutoModelForCausalLM, "model", model_args, source, dtype=dtype,
-        attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code, **kwargs)
+    loader = AutoModelForCausalLM
+    if reward_model:
+        from transformers import AutoModelForSequenceClassification as loader
+
+        kwargs["num_labels"] = 1
+    with reward_model_loading(reward_model):
+        model = _from_pretrained(
+            loader, "model", model_args, source, dtype=dtype,
+            attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
+            **kwargs)
     if training:
         model.config.use_cache = False
     else:
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def reward_model_loading(active: bool = True):
+    """Context for loading a causal checkpoint as a sequence classifier (a reward model's base).
+
+    The new head ``score`` is missing from such a checkpoint (initialised from the model's
+    ``initializer_range``, under the caller's seed) and its LM head is left unused; transformers
+    reports both as a load problem, which they are not here. Inside the context both keys are
+    ignored for transformers' generic sequence classifiers, and one log line says what happened.
+    """
+    if not active:
+        yield
+        return
+    from transformers.modeling_layers import GenericForSequenceClassification as generic
+
+    saved = {name: generic.__dict__.get(name) for name in ("_keys_to_ignore_on_load_missing",
+                                                           "_keys_to_ignore_on_load_unexpected")}
+    generic._keys_to_ignore_on_load_missing = list(saved["_keys_to_ignore_on_load_missing"] or []) + [r"^score\."]
+    generic._keys_to_ignore_on_load_unexpected = list(saved["_keys_to_ignore_on_load_unexpected"] or []) + [
+        r"^lm_head\."]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                delattr(generic, name)
+            else:
+                setattr(generic, name, value)
+    logger.info("reward model: a scalar head 'score' on the model's body (new heads start random, seeded; "
+                "an LM head in the checkpoint is not used)")
 
 
 def load_reference_model(model_args: ModelArguments):
@@ -367,13 +410,17 @@ def load_reference_model(model_args: ModelArguments):
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[PeftArguments] = None, *,
-                             with_reference_adapter: bool = False, training: bool = True):
+                             with_reference_adapter: bool = False, training: bool = True,
+                             reward_model: bool = False):
     """Load model + tokenizer and, if ``peft_args.use_peft``, wrap the model with LoRA.
 
     Args:
         training: passed to :func:`load_model`; False for inference (eval mode, frozen, KV cache on).
         with_reference_adapter: when continuing an adapter (``peft_model_id``), also load it a second
             time, frozen, as the "reference" adapter (see :func:`preftune.peft_utils.reference_context`).
+        reward_model: a reward model (``--loss rm``): sequence classifier with ``num_labels=1`` whose
+            ``config.pad_token_id`` is the tokenizer's (transformers reads the reward at the last
+            non-pad token); LoRA on the body with the head trained fully.
 
     Returns:
         ``(model, tokenizer)``; the model is a ``PeftModel`` when LoRA is used. A missing
@@ -383,12 +430,14 @@ def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[Pef
 
     peft_args = peft_args or PeftArguments()
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, training=training, load_in_4bit=peft_args.load_in_4bit)
+    model = load_model(model_args, training=training, load_in_4bit=peft_args.load_in_4bit, reward_model=reward_model)
+    if reward_model:
+        model.config.pad_token_id = tokenizer.pad_token_id
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     if peft_args.use_peft:
-        model = apply_peft(model, peft_args, with_reference_adapter=with_reference_adapter)
+        model = apply_peft(model, peft_args, with_reference_adapter=with_reference_adapter, reward_head=reward_model)
     return model, tokenizer
 
 

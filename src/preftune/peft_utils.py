@@ -37,7 +37,7 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False):
+def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False, reward_head: bool = False):
     """Wrap ``model`` with LoRA (Hu et al. 2021, "LoRA": W + (alpha/r) B A) and return the ``PeftModel``.
 
     * ``peft_args.peft_model_id`` set: that adapter is loaded trainable (``is_trainable=True``) and its
@@ -47,6 +47,9 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
     * otherwise a fresh adapter: ``r``, ``alpha``, ``dropout``, ``target_modules`` (``["all-linear"]``
       becomes peft's ``"all-linear"``: every linear layer except the output head).
     * 4-bit base weights: ``peft.prepare_model_for_kbit_training`` first (QLoRA, Dettmers et al. 2023).
+    * ``reward_head`` (a reward model, ``--loss rm``): task ``SEQ_CLS``, LoRA on the body only (``all-linear``
+      leaves the head out) and the scalar head ``score`` trained fully (``modules_to_save``); a
+      continued adapter must be such a reward-model adapter.
 
     Raises:
         ModelLoadError: ``model`` is already a ``PeftModel``, or the adapter directory is missing.
@@ -60,6 +63,7 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
     if peft_args.peft_model_id:
         if not Path(peft_args.peft_model_id, "adapter_config.json").is_file():
             raise ModelLoadError(f"--peft_model_id {peft_args.peft_model_id}: no adapter_config.json there")
+        _check_adapter_task(peft_args.peft_model_id, reward_head)
         peft_model = PeftModel.from_pretrained(model, peft_args.peft_model_id, is_trainable=True,
                                                adapter_name=TRAIN_ADAPTER)
         cfg = peft_model.peft_config[TRAIN_ADAPTER]
@@ -73,8 +77,22 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
     if "all-linear" in targets and len(targets) > 1:
         raise ModelLoadError(f"--lora_target_modules {targets}: all-linear cannot be combined with names")
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+                        target_modules=target_modules, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
+                        bias="none", modules_to_save=["score"] if reward_head else None)
     return get_peft_model(model, config, adapter_name=TRAIN_ADAPTER)
+
+
+def _check_adapter_task(adapter_dir: str, reward_head: bool) -> None:
+    """A continued adapter must be of the kind being trained (reward model: ``SEQ_CLS``; else not)."""
+    import json
+
+    task = json.loads(Path(adapter_dir, "adapter_config.json").read_text()).get("task_type")
+    if reward_head and task != "SEQ_CLS":
+        raise ModelLoadError(f"--peft_model_id {adapter_dir}: a {task} adapter, not a reward model's (SEQ_CLS); "
+                             "--loss rm continues only reward-model adapters (drop --peft_model_id to start one)")
+    if not reward_head and task == "SEQ_CLS":
+        raise ModelLoadError(f"--peft_model_id {adapter_dir}: a reward model's adapter (SEQ_CLS); continue it "
+                             "with --loss rm")
 
 
 def setup_reference_adapter(model, peft_model_id: str) -> None:
