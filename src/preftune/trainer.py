@@ -23,9 +23,10 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from preftune.config import EngineArguments, LossArguments
+from preftune.config import EngineArguments, LossArguments, resolve_reference_options
 from preftune.engine.layout import collate_pairs
 from preftune.engine.logprobs import sequence_logps
+from preftune.engine.rewards import sequence_rewards
 from preftune.losses import compute_loss as loss_from_table
 from preftune.types import PolicyLogps, TokenizedPair
 
@@ -90,6 +91,9 @@ class PreferenceTrainer(Trainer):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = PairDataset(kwargs[key])
         kwargs.setdefault("data_collator", PairCollator(engine_args, pad_token_id))
+        # a reward model has no reference policy: ConfigError for a reference model or precompute flag
+        resolve_reference_options(loss_args, engine_args,
+                                  has_ref_model=ref_model is not None or reference_context is not None)
         super().__init__(*args, **kwargs)
         self.loss_args = loss_args
         self.engine_args = engine_args
@@ -133,6 +137,9 @@ class PreferenceTrainer(Trainer):
 
     def batch_loss_and_metrics(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (scalar) and metrics of one laid-out batch."""
+        if self.loss_args.is_reward_model:  # --loss rm: value-head rewards, TRL RewardTrainer's metrics
+            out = loss_from_table(sequence_rewards(model, batch), self.loss_args)
+            return out.losses.mean(), dict(out.metrics)
         logps = sequence_logps(model, batch, self.engine_args.logprob_chunk_size)
         if self.loss_args.needs_reference and logps.ref_chosen_logps is None:
             logps.ref_chosen_logps, logps.ref_rejected_logps = self._reference_logps(model, batch)
