@@ -399,8 +399,8 @@ def reward_model_loading(active: bool = True):
                 delattr(generic, name)
             else:
                 setattr(generic, name, value)
-    logger.info("reward model: a scalar head 'score' on the model's body (new heads start random, seeded; "
-                "an LM head in the checkpoint is not used)")
+    logger.info("reward model: scalar head 'score' on the model's body (a head the checkpoint lacks starts "
+                "random, seeded; an LM head in it is not used)")
 
 
 def load_reference_model(model_args: ModelArguments):

@@ -21,7 +21,7 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from preftune.cli_args import config_to_yaml
-from preftune.config import ModelArguments, PeftArguments
+from preftune.config import ModelArguments, PeftArguments, resolve_reference_options
 from preftune.trainer import PreferenceTrainer
 
 logger = logging.getLogger("preftune.train")
@@ -64,18 +64,24 @@ def setup(groups: tuple) -> Run:
     from preftune.peft_utils import reference_context
 
     model_args, peft_args, data_args, loss_args, engine_args, training_args = groups
+    resolve_reference_options(loss_args, engine_args)  # --loss rm: no reference (ConfigError for the flag)
     set_seed(training_args.seed)
     configure_cpu_numerics(engine_args)
     # continuing an adapter: its starting state is the DPO reference, kept as a frozen second adapter
     # (only needed when the reference is computed during training, not when precomputed once)
     live_reference = loss_args.needs_reference and not engine_args.precompute_ref_log_probs
     model, tokenizer = load_model_and_tokenizer(model_args, peft_args,
-                                                with_reference_adapter=bool(peft_args.peft_model_id) and live_reference)
+                                                with_reference_adapter=bool(peft_args.peft_model_id) and live_reference,
+                                                reward_model=loss_args.is_reward_model)
     if getattr(training_args, "gradient_checkpointing", False) and peft_args.use_peft:
         from preftune.models import prepare_for_gradient_checkpointing
 
         prepare_for_gradient_checkpointing(model)
     data = build_datasets(data_args, tokenizer, seed=training_args.seed)  # logs its report
+    if loss_args.is_reward_model:  # identical pairs skipped and counted
+        from preftune.score import prepare_reward_data
+
+        data = prepare_reward_data(data)
 
     ref_ctx, ref_model = None, None
     if loss_args.needs_reference:
@@ -170,6 +176,10 @@ def save(run: Run, metrics: dict[str, float]) -> Path:
     (out / "preftune_config.yaml").write_text(config_to_yaml(run.groups))
     (out / "data_report.txt").write_text(run.data_report + "\n")
     logger.info("saved to %s", out)
+    if run.groups[3].is_reward_model:  # the head again, as ms-swift's value_head.safetensors
+        from preftune.score import save_value_head
+
+        save_value_head(run.model, out)
     return out
 
 
