@@ -81,6 +81,78 @@ def evaluate_pairs(model, pairs: list[TokenizedPair], loss_args: LossArguments, 
     return result
 
 
+def evaluate_rewards(model, pairs: list[TokenizedPair], loss_args: LossArguments, engine_args: EngineArguments,
+                     *, batch_size: int = 8, pad_token_id: int = 0) -> dict[str, float]:
+    """Metrics of a reward model over ``pairs`` (``--loss rm``), TRL ``RewardTrainer``'s names.
+
+    Pair-weighted means of ``loss``, ``accuracy`` (share of pairs whose chosen reward is higher),
+    ``margin`` (mean chosen - rejected reward) and ``mean_reward`` (over all 2N rewards);
+    ``min_reward`` / ``max_reward`` over every reward; ``num_pairs``.
+    """
+    from preftune.score import reward_batches
+    from preftune.types import PairRewards
+
+    sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "mean_reward": 0.0}
+    low, high = float("inf"), float("-inf")
+    was_training = model.training
+    model.eval()
+    try:
+        batches = reward_batches(model, pairs, engine_args, batch_size=batch_size, pad_token_id=pad_token_id)
+        for start, (chosen, rejected) in zip(range(0, len(pairs), batch_size), batches):
+            chunk = pairs[start:start + batch_size]
+            margin = None
+            if any(p.margin is not None for p in chunk):
+                margin = torch.tensor([p.margin or 0.0 for p in chunk])
+            out = compute_loss(PairRewards(chosen, rejected, margin), loss_args)
+            n = len(chunk)
+            sums["loss"] += float(out.losses.sum())
+            for key in ("accuracy", "margin"):
+                sums[key] += float(out.metrics[key]) * n
+            sums["mean_reward"] += float(chosen.sum() + rejected.sum()) / 2
+            low, high = min(low, float(out.metrics["min_reward"])), max(high, float(out.metrics["max_reward"]))
+    finally:
+        model.train(was_training)
+    n = max(len(pairs), 1)
+    result = {k: v / n for k, v in sums.items()}
+    result.update(min_reward=low if pairs else 0.0, max_reward=high if pairs else 0.0, num_pairs=len(pairs))
+    return result
+
+
+def _is_reward_adapter(adapter) -> bool:
+    from preftune.score import adapter_task
+
+    return bool(adapter) and (adapter_task(adapter) == "SEQ_CLS")
+
+
+def run_reward_evaluate(model_args, data_args, loss_args, engine_args, eval_args: EvaluateArguments) -> dict[str, float]:
+    """``preftune evaluate --loss rm --adapter DIR``: a reward model's accuracy and mean margin.
+
+    Pairs with identical chosen and rejected tokens are left out (counted in ``num_identical_skipped``).
+
+    Raises:
+        preftune.config.ConfigError: ``DIR`` is a reward model but ``--loss`` is not ``rm``.
+    """
+    from preftune.config import ConfigError
+    from preftune.data import build_datasets
+    from preftune.score import open_reward_model
+
+    if not loss_args.is_reward_model:
+        raise ConfigError(f"--adapter {eval_args.adapter} is a reward model (value head); evaluate it with --loss rm")
+    model, tokenizer = open_reward_model(model_args, eval_args.adapter or model_args.model_name_or_path)
+    data = build_datasets(data_args, tokenizer, seed=eval_args.seed)  # logs its report
+    if eval_args.split == "eval":
+        if data.eval is None:
+            raise ConfigError("--split eval needs --eval_ratio or --eval_file")
+        pairs = data.eval
+    else:
+        pairs = data.train if eval_args.split == "train" else data.train + (data.eval or [])
+    kept = [p for p in pairs if p.chosen_ids != p.rejected_ids]
+    result = evaluate_rewards(model, kept, loss_args, engine_args, batch_size=eval_args.batch_size,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    result["num_identical_skipped"] = len(pairs) - len(kept)
+    return result
+
+
 def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: EvaluateArguments) -> dict[str, float]:
     """Load the model (+ adapter) and data, attach reference log-probs if needed, evaluate."""
     from peft import PeftModel
@@ -93,6 +165,8 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
     from preftune.train import configure_cpu_numerics, model_identity
 
     configure_cpu_numerics(engine_args)
+    if loss_args.is_reward_model or _is_reward_adapter(eval_args.adapter):
+        return run_reward_evaluate(model_args, data_args, loss_args, engine_args, eval_args)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, training=False)
     if eval_args.adapter:
