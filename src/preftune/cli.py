@@ -18,6 +18,7 @@ commands:
   train      [CONFIG.yaml] [--flag value ...]  preference (or SFT) fine-tuning; `preftune train --help`
   evaluate   --dataset FILE [--adapter DIR] ...  preference accuracy and mean reward margin
   generate   --adapter DIR [--dataset FILE]       side-by-side generations: base vs adapter (+ chosen/rejected)
+  score      --adapter DIR --dataset FILE --output OUT.jsonl   rewards of a reward model (--loss rm) per record
   plot       OUTPUT_DIR [--metrics ...]          plot metrics from trainer_state.json
   mt         build-triplets | translate | evaluate   the ALMA-R machine-translation workflow
 """
@@ -78,6 +79,19 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def cmd_score(argv: list[str]) -> int:
+    from preftune.cli_args import parse_groups
+    from preftune.config import DataArguments, EngineArguments, ModelArguments
+    from preftune.score import ScoreArguments, run_score
+
+    groups = (ModelArguments, DataArguments, EngineArguments, ScoreArguments)
+    argv = ["--model_name_or_path" if a == "--model" else a for a in argv]
+    model_args, data_args, engine_args, score_args = parse_groups(argv, groups, prog="preftune score")
+    summary = run_score(model_args, data_args, engine_args, score_args)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_mt(argv: list[str]) -> int:
     from preftune.mt.cli import main as mt_main
 
@@ -85,7 +99,7 @@ def cmd_mt(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "plot": cmd_plot,
-            "mt": cmd_mt}
+            "mt": cmd_mt, "score": cmd_score}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
