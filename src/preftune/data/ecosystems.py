@@ -135,7 +135,7 @@ def _sharegpt_turn(here: Here, label: str, turn: Any, reply: bool = False) -> di
 
 def from_sharegpt(here: Here, record: dict) -> dict:
     """LLaMA-Factory ShareGPT ranking (see the module docstring)."""
-    name = "conversations" if record.get("conversations") is not None else "messages"
+    name = "messages" if record.get("conversations") is None and record.get("messages") is not None else "conversations"
     turns = here.get(record, name)
     if not isinstance(turns, list) or not turns:
         raise here.fail(name, "expected a non-empty list of turns")
