@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
+from preftune import outputs
 from preftune.cli_args import config_to_yaml
 from preftune.config import ModelArguments, PeftArguments, resolve_reference_options
 from preftune.trainer import PreferenceTrainer
@@ -59,11 +61,10 @@ def model_identity(model_args: ModelArguments, peft_args: PeftArguments, amp: st
 def setup(groups: tuple) -> Run:
     """Seed, load model/tokenizer/data, attach reference log-probs, build the trainer."""
     from preftune.data import build_datasets
-    from preftune.engine.reference import attach_reference_logps
-    from preftune.models import load_model_and_tokenizer, load_reference_model
-    from preftune.peft_utils import reference_context
+    from preftune.models import load_model_and_tokenizer
 
     model_args, peft_args, data_args, loss_args, engine_args, training_args = groups
+    outputs.prepare_output_dir(groups)  # writable, not another run's, resume config matches: before any loading
     resolve_reference_options(loss_args, engine_args)  # --loss rm: no reference (ConfigError for the flag)
     set_seed(training_args.seed)
     configure_cpu_numerics(engine_args)
@@ -82,29 +83,60 @@ def setup(groups: tuple) -> Run:
         from preftune.score import prepare_reward_data
 
         data = prepare_reward_data(data)
-
-    ref_ctx, ref_model = None, None
-    if loss_args.needs_reference:
-        if peft_args.use_peft:
-            ref_ctx = functools.partial(reference_context, model)
-        if engine_args.precompute_ref_log_probs:
-            # computed before any update, so the model as loaded *is* the reference: a continued
-            # adapter as loaded, or (fresh LoRA) the base model, which adapters-off computes exactly
-            pairs = data.train + (data.eval or [])
-            with _mixed_precision(model, training_args):  # same numerics as the training forward
-                amp = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "none"
-                attach_reference_logps(model, pairs, model_key=model_identity(model_args, peft_args, amp),
-                                       reference_context=None if peft_args.peft_model_id else ref_ctx,
-                                       batch_size=training_args.per_device_eval_batch_size,
-                                       chunk_size=engine_args.logprob_chunk_size)
-        elif not peft_args.use_peft:
-            ref_model = load_reference_model(model_args)
-
-    trainer = PreferenceTrainer(
-        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-        processing_class=tokenizer, loss_args=loss_args, engine_args=engine_args,
-        reference_context=ref_ctx, ref_model=ref_model, pad_token_id=tokenizer.pad_token_id or 0)
+    ref_ctx, ref_model = attach_reference(groups, model, data)
+    # (before the trainer: config_to_yaml builds a TrainingArguments, which resets accelerate's state)
+    run_config = config_to_yaml(groups)
+    trainer = PreferenceTrainer(**trainer_kwargs(groups, model, tokenizer, data, ref_ctx, ref_model))
+    trainer.run_config_yaml = run_config  # written into every checkpoint (resume checks it)
     return Run(groups, model, tokenizer, trainer, data.report)
+
+
+def attach_reference(groups: tuple, model, data, *, ref_model=None, model_key: Optional[str] = None,
+                     continuing: Optional[bool] = None, batch_size: Optional[int] = None):
+    """The reference policy of the DPO family: ``(reference_context, live_ref_model)``; ``(None, None)``
+    for losses without one.
+
+    With ``--precompute_ref_log_probs`` the reference log-probs are computed here, before any update,
+    and stored on the pairs of ``data`` (cached on disk under ``model_key``, default
+    :func:`model_identity`): by ``ref_model`` when given, else by the model as loaded — a continued
+    adapter as loaded (``continuing``, default: ``--peft_model_id`` is set), or, for a fresh LoRA, the
+    base model, which adapters-off computes exactly. Without it the reference runs live in each step:
+    ``ref_model`` when given, adapters-off (LoRA) or a second frozen copy loaded from ``model_args``.
+    ``batch_size``: pairs per precompute batch (default ``per_device_eval_batch_size``).
+    """
+    from preftune.engine.reference import attach_reference_logps
+    from preftune.models import load_reference_model
+    from preftune.peft_utils import reference_context
+
+    model_args, peft_args, _, loss_args, engine_args, training_args = groups
+    if not loss_args.needs_reference:
+        return None, None
+    continuing = bool(peft_args.peft_model_id) if continuing is None else continuing
+    ref_ctx = functools.partial(reference_context, model) if peft_args.use_peft and ref_model is None else None
+    if engine_args.precompute_ref_log_probs:
+        reference = model if ref_model is None else ref_model
+        pairs = data.train + (data.eval or [])
+        with _mixed_precision(reference, training_args):  # same numerics as the training forward
+            amp = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "none"
+            attach_reference_logps(reference, pairs, model_key=model_key or model_identity(model_args, peft_args, amp),
+                                   reference_context=None if continuing or ref_model is not None else ref_ctx,
+                                   batch_size=batch_size or training_args.per_device_eval_batch_size,
+                                   chunk_size=engine_args.logprob_chunk_size)
+        return ref_ctx, None
+    if ref_model is not None:
+        return None, ref_model
+    if not peft_args.use_peft:
+        return None, load_reference_model(model_args)
+    return ref_ctx, None
+
+
+def trainer_kwargs(groups: tuple, model, tokenizer, data, ref_ctx=None, ref_model=None) -> dict[str, Any]:
+    """The keyword arguments of :class:`PreferenceTrainer` for ``groups``, a model, its tokenizer, the
+    tokenised ``data`` (:class:`preftune.data.PreferenceData`) and the reference of :func:`attach_reference`."""
+    _, _, _, loss_args, engine_args, training_args = groups
+    return dict(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+                processing_class=tokenizer, loss_args=loss_args, engine_args=engine_args,
+                reference_context=ref_ctx, ref_model=ref_model, pad_token_id=tokenizer.pad_token_id or 0)
 
 
 def _mixed_precision(model, training_args):
@@ -133,20 +165,13 @@ def configure_cpu_numerics(engine_args) -> None:
 
 
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
-    """``latest`` → the newest ``checkpoint-*`` in ``output_dir``; a path as is; None/false → None.
+    """``latest`` → the newest *complete* ``checkpoint-*`` in ``output_dir`` (partial or corrupted
+    ones skipped with a warning); a path as is (verified when it has a completeness marker);
+    None/false → None. See :func:`preftune.outputs.resolve_checkpoint`.
 
-    Raises ``FileNotFoundError`` when ``latest`` finds no checkpoint or the path is missing.
+    Raises ``FileNotFoundError`` when ``latest`` finds no complete checkpoint or the path is missing.
     """
-    if value in (None, "", "false", "False", "no"):
-        return None
-    if value in ("latest", "true", "True"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* directory in {output_dir}")
-        return last
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
-    return value
+    return outputs.resolve_checkpoint(value, output_dir)
 
 
 def train(run: Run) -> dict[str, float]:
@@ -160,26 +185,24 @@ def train(run: Run) -> dict[str, float]:
 
 
 def save(run: Run, metrics: dict[str, float]) -> Path:
-    """Write the adapter (or model), tokenizer, state, results and resolved config to output_dir."""
-    from preftune.peft_utils import save_adapter
-
-    trainer = run.trainer
-    out = Path(trainer.args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(run.model, "peft_config"):
-        save_adapter(run.model, out)
-        run.tokenizer.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    (out / "preftune_config.yaml").write_text(config_to_yaml(run.groups))
-    (out / "data_report.txt").write_text(run.data_report + "\n")
+    """Write the adapter (or model), tokenizer, state, results (``eval_*`` also to
+    ``eval_results.json``) and resolved config to output_dir: staged, then moved into place, the
+    weights checked for non-finite values first (:func:`preftune.outputs.save_final`)."""
+    out = outputs.save_final(run.trainer, run.model, run.tokenizer, metrics,
+                             {"preftune_config.yaml": run.trainer.run_config_yaml or config_to_yaml(run.groups),
+                              "data_report.txt": run.data_report + "\n"})
     logger.info("saved to %s", out)
     if run.groups[3].is_reward_model:  # the head again, as ms-swift's value_head.safetensors
         from preftune.score import save_value_head
 
         save_value_head(run.model, out)
+    copy_dir = run.groups[1].lora_adapter_dir  # --lora_adapter_dir (ORPO scripts): a second copy
+    if copy_dir and hasattr(run.model, "peft_config"):
+        from preftune.peft_utils import save_adapter
+
+        save_adapter(run.model, copy_dir)
+        run.tokenizer.save_pretrained(copy_dir)
+        logger.info("adapter also written to %s (--lora_adapter_dir)", copy_dir)
     return out
 
 
@@ -194,7 +217,61 @@ def run(groups: tuple) -> dict[str, float]:
             eval_metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
         else:
             eval_metrics = r.trainer.evaluate()
-        r.trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
+        metrics.update(eval_metrics)  # save() writes them to eval_results.json too
     save(r, metrics)
     return metrics
+
+
+class TrainResult(NamedTuple):
+    """What :func:`run_config` (``preftune.train(config)``) returns; unpacks as ``out, metrics = ...``.
+
+    ``output_dir``: the directory holding the adapter (or model), tokenizer, ``trainer_state.json``,
+    ``train_results.json`` and ``preftune_config.yaml``. ``metrics``: the train metrics
+    (``train_loss``, ``train_runtime`` ...) plus the final ``eval_*`` metrics when there is an eval split.
+    """
+
+    output_dir: Path
+    metrics: dict[str, float]
+
+
+def run_config(config: Union[dict, str, Path, tuple], **overrides: Any) -> TrainResult:
+    """``preftune train`` from Python (a notebook, a script): parse, train, save; return where and how it went.
+
+    ``config``: a dict of flag names to values (the keys of a YAML config, e.g.
+    ``{"loss": "dpo", "use_peft": True, "max_steps": 10}``), the path of a YAML config, or the tuple
+    of configuration groups (:func:`preftune.cli_args.parse_groups`'s result). ``overrides``: more
+    ``flag=value`` pairs that win over ``config``, as flags win over a YAML file; not allowed with a
+    groups tuple. Also callable as ``preftune.train(config, **overrides)``.
+
+    Raises :class:`preftune.config.ConfigError` (unknown key, with the closest valid name; invalid
+    value), :class:`preftune.data.DataError` and :class:`preftune.errors.ModelLoadError` like the CLI.
+    """
+    from preftune.cli_args import TRAIN_GROUPS, _valid_names, _yaml_to_argv, parse_groups
+    from preftune.config import ConfigError
+
+    source = "preftune.train(config)"
+    if isinstance(config, tuple):
+        if overrides:
+            raise ConfigError(f"{source}: keyword overrides need a dict or YAML config, not a tuple of groups")
+        groups = config
+    elif isinstance(config, dict):
+        groups = parse_groups(_yaml_to_argv({**config, **overrides}, source, _valid_names(TRAIN_GROUPS)))
+    elif isinstance(config, (str, Path)):
+        extra = _yaml_to_argv(overrides, source, _valid_names(TRAIN_GROUPS))
+        groups = parse_groups([str(config), *extra])
+    else:
+        raise ConfigError(f"{source}: expected a dict, a YAML path or a tuple of config groups, "
+                          f"got {type(config).__name__}")
+    metrics = run(groups)
+    return TrainResult(Path(groups[-1].output_dir), metrics)
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``preftune.train(config)`` work: importing this submodule binds the *module* to the
+    package attribute ``train``, so the module itself forwards calls to :func:`run_config`."""
+
+    def __call__(self, config: Union[dict, str, Path, tuple], **overrides: Any) -> TrainResult:
+        return run_config(config, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule
