@@ -48,6 +48,16 @@ class PreftuneTrainingArguments(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; silences a warning per epoch
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not is_torch_bf16_gpu_available() \
+                and not is_torch_xla_available() and not torch.cuda.is_available():
+            # transformers refuses --bf16 without a bf16 accelerator unless --use_cpu; on a machine without
+            # one, --bf16 (as ALMA's scripts pass it) can only mean bf16 autocast on the CPU
+            import logging
+
+            logging.getLogger("preftune.cli_args").info("--bf16 without a GPU: bf16 autocast on the CPU (--use_cpu true)")
+            self.use_cpu = True
         super().__post_init__()
         # values transformers accepts here but that fail later with a traceback (DataLoader, AdamW)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -90,6 +100,9 @@ def make_parser(groups=TRAIN_GROUPS, prog: str = "preftune train") -> HfArgument
                               description="Preference-optimisation fine-tuning. Give an optional YAML config "
                                           "first; flags override it.")
     parser.add_argument("config", nargs="?", default=None, help="Optional YAML config file.")
+    from preftune.aliases import add_help_group
+
+    add_help_group(parser, _valid_names(groups))
 
     def error(message: str):  # argparse would print the whole (very long) usage, then exit 2
         raise ConfigError(f"{message} (see `{prog} --help`)")
@@ -118,6 +131,11 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
             raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
         yaml_argv = _yaml_to_argv(loaded, str(path), _valid_names(groups))
         argv = argv[1:]
+    from preftune.aliases import apply_aliases
+
+    # other tools' flags (ms-swift, ORPO scripts, ALMA) → preftune's; that tool's defaults go first
+    aliased = apply_aliases(argv, _valid_names(groups), preset=yaml_argv)
+    argv = aliased.argv
     valid_flags = sorted("--" + n for n in _valid_names(groups))
     for token in argv:
         if token.startswith("--"):
@@ -127,7 +145,8 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
                 raise ConfigError(f"unknown flag {name}" + (f"; did you mean {hint[0]}?" if hint else "")
                                   + f" (see `{prog} --help`)")
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(yaml_argv + argv, return_remaining_strings=True)
+        *parsed, remaining = parser.parse_args_into_dataclasses(aliased.defaults + yaml_argv + argv,
+                                                                return_remaining_strings=True)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from exc
     # the positional `config` is returned as an extra namespace; drop it

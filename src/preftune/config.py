@@ -56,6 +56,8 @@ class ModelArguments:
     model_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where converted GGUF models are cached (default $PREFTUNE_CACHE or ~/.cache/preftune)."})
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Load the tokenizer from here (directory or Hub id) instead of the model's."})
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -80,16 +82,29 @@ class PeftArguments:
         metadata={"help": "Continue training this existing adapter (directory). Implies --use_peft; the "
                   "DPO reference is the adapter's starting state."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights (needs bitsandbytes and a GPU)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes; not implemented yet)."})
+    lora_adapter_dir: Optional[str] = field(
+        default=None, metadata={"help": "Also write the trained adapter to this directory at the end (as ORPO "
+                                "scripts' --lora_adapter_dir); the adapter is always written to --output_dir."})
 
     def __post_init__(self) -> None:
+        if self.load_in_8bit:
+            if self.load_in_4bit:
+                raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
+            raise ConfigError("--load_in_8bit: 8-bit base weights are not implemented yet; use --load_in_4bit "
+                              "(QLoRA, CUDA + bitsandbytes) or full-precision weights")
         if self.peft_model_id or self.load_in_4bit:
             self.use_peft = True
+        if self.lora_adapter_dir and not self.use_peft:
+            raise ConfigError("--lora_adapter_dir writes the trained LoRA adapter, so it needs --use_peft true")
         if self.lora_r <= 0:
             raise ConfigError(f"--lora_r must be > 0, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [m for m in self.lora_target_modules.replace(",", " ").split() if m]
+            self.lora_target_modules = [self.lora_target_modules]
+        # "q_proj,v_proj" (one comma-separated value, as ORPO scripts and swift pass it) = q_proj v_proj
+        self.lora_target_modules = [m for item in self.lora_target_modules for m in item.replace(",", " ").split()]
         if not self.lora_target_modules:
             raise ConfigError("--lora_target_modules is empty; give module names or all-linear")
 

@@ -276,14 +276,15 @@ def _from_pretrained(loader, what: str, model_args: ModelArguments, source: str,
 
 
 def load_tokenizer(model_args: ModelArguments):
-    """Tokenizer of the model; the pad token falls back to the eos token (logged).
+    """Tokenizer of the model (or of ``--tokenizer_name_or_path`` when given); the pad token falls
+    back to the eos token (logged).
 
     Raises:
         ModelLoadError: the tokenizer has neither a pad nor an eos token.
     """
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(model_args)
+    source = model_args.tokenizer_name_or_path or resolve_model_source(model_args)
     tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", model_args, source,
                                  trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:

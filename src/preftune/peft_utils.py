@@ -44,8 +44,8 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
       own ``LoraConfig`` is used (the ``--lora_*`` flags are ignored, which is logged). With
       ``with_reference_adapter`` it is loaded a second time, frozen, as the reference
       (:func:`setup_reference_adapter`).
-    * otherwise a fresh adapter: ``r``, ``alpha``, ``dropout``, ``target_modules`` (``["all-linear"]``
-      becomes peft's ``"all-linear"``: every linear layer except the output head).
+    * otherwise a fresh adapter: ``r``, ``alpha``, ``dropout``, ``target_modules`` resolved by
+      :func:`resolve_target_modules` (``all-linear`` / ``ALL``, ``DEFAULT``, or module names).
     * 4-bit base weights: ``peft.prepare_model_for_kbit_training`` first (QLoRA, Dettmers et al. 2023).
     * ``reward_head`` (a reward model, ``--loss rm``): task ``SEQ_CLS``, LoRA on the body only (``all-linear``
       leaves the head out) and the scalar head ``score`` trained fully (``modules_to_save``); a
@@ -72,10 +72,7 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
         if with_reference_adapter:
             setup_reference_adapter(peft_model, peft_args.peft_model_id)
         return peft_model
-    targets = list(peft_args.lora_target_modules)
-    target_modules = "all-linear" if targets == ["all-linear"] else targets
-    if "all-linear" in targets and len(targets) > 1:
-        raise ModelLoadError(f"--lora_target_modules {targets}: all-linear cannot be combined with names")
+    target_modules = resolve_target_modules(model, peft_args.lora_target_modules)
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
                         target_modules=target_modules, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
                         bias="none", modules_to_save=["score"] if reward_head else None)
@@ -93,6 +90,64 @@ def _check_adapter_task(adapter_dir: str, reward_head: bool) -> None:
     if not reward_head and task == "SEQ_CLS":
         raise ModelLoadError(f"--peft_model_id {adapter_dir}: a reward model's adapter (SEQ_CLS); continue it "
                              "with --loss rm")
+
+
+# Output projections of attention blocks (not part of ms-swift's DEFAULT targets, which are the
+# query/key/value projections: swift 2.x lists q_proj, k_proj, v_proj for Llama, c_attn for Qwen).
+_ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "proj", "out")
+
+
+def attention_input_projections(model: nn.Module) -> list[str]:
+    """Leaf names of the query/key/value projections of ``model``'s attention blocks: the linear
+    (or transformers ``Conv1D``) children of modules whose class name contains ``Attention``,
+    except the output projection. Llama: ``["k_proj", "q_proj", "v_proj"]``; GPT-2: ``["c_attn"]``.
+
+    Raises:
+        ModelLoadError: no such layer was found.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names: set[str] = set()
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower():
+            continue
+        for child_name, child in module.named_children():
+            if isinstance(child, (nn.Linear, Conv1D)) and child_name not in _ATTENTION_OUTPUT_NAMES:
+                names.add(child_name)
+    if not names:
+        raise ModelLoadError(f"--lora_target_modules DEFAULT: found no attention projection layers in "
+                             f"{type(model).__name__}; name the modules (e.g. q_proj v_proj) or use all-linear")
+    return sorted(names)
+
+
+def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
+    """What peft's ``LoraConfig(target_modules=...)`` gets for ``--lora_target_modules names``.
+
+    * ``all-linear`` or ``ALL`` (ms-swift): peft's ``"all-linear"``, every linear layer except the
+      output head; it cannot be combined with other names;
+    * ``DEFAULT`` or ``AUTO`` (ms-swift): the attention's query/key/value projections
+      (:func:`attention_input_projections`), plus any other names given;
+    * anything else: module names, as given (duplicates removed).
+
+    Raises:
+        ModelLoadError: ``all-linear`` combined with names, or ``DEFAULT`` on a model without
+            recognisable attention projections.
+    """
+    names = list(names)
+    if any(n in ("all-linear", "ALL") for n in names):
+        if len(names) > 1:
+            raise ModelLoadError(f"--lora_target_modules {' '.join(names)}: all-linear cannot be combined with "
+                                 "names (ALL means all-linear)")
+        return "all-linear"
+    resolved: list[str] = []
+    for name in names:
+        if name in ("DEFAULT", "AUTO"):
+            found = attention_input_projections(model)
+            logger.info("--lora_target_modules %s: the attention projections %s", name, " ".join(found))
+            resolved += found
+        else:
+            resolved.append(name)
+    return list(dict.fromkeys(resolved))
 
 
 def setup_reference_adapter(model, peft_model_id: str) -> None:
