@@ -61,6 +61,7 @@ def model_identity(model_args: ModelArguments, peft_args: PeftArguments, amp: st
 def setup(groups: tuple) -> Run:
     """Seed, load model/tokenizer/data, attach reference log-probs, build the trainer."""
     from preftune.data import build_datasets
+    from preftune.data.pipeline import check_preference_signal
     from preftune.models import load_model_and_tokenizer
 
     model_args, peft_args, data_args, loss_args, engine_args, training_args = groups
@@ -79,6 +80,7 @@ def setup(groups: tuple) -> Run:
 
         prepare_for_gradient_checkpointing(model)
     data = build_datasets(data_args, tokenizer, seed=training_args.seed)  # logs its report
+    check_preference_signal(data.train, loss_args.loss)  # every pair identical: DataError; some: a warning
     if loss_args.is_reward_model:  # identical pairs skipped and counted
         from preftune.score import prepare_reward_data
 

@@ -180,3 +180,31 @@ def records_to_raw(records: Any, source: str) -> RawData:
     if not records:
         raise DataError(f"{source}: no records")
     return RawData(source, list(records), [f"record {i}" for i in range(1, len(records) + 1)])
+
+
+def check_preference_signal(pairs: list[TokenizedPair], loss: str) -> int:
+    """Identical pairs (chosen tokens == rejected tokens) carry no preference signal: count them.
+
+    ``pairs``: the training pairs; ``loss``: the ``--loss`` name. ``sft`` reads only ``chosen`` and
+    is not checked; ``rm`` skips such pairs itself (:func:`preftune.score.prepare_reward_data`), so
+    only the all-identical error applies to it. Some identical pairs: a warning naming the first
+    (they stay in training: CPO/ORPO still learn from their NLL term). Returns their number.
+
+    Raises :class:`DataError` (naming the first pair's file and record) when *every* training pair is
+    identical: a preference loss would learn nothing (DPO's loss is constant at log 2).
+    """
+    if loss == "sft" or not pairs:
+        return 0
+    identical = [pair for pair in pairs if pair.chosen_ids == pair.rejected_ids]
+    if not identical:
+        return 0
+    first = identical[0].location or "training data, record 1"
+    if len(identical) == len(pairs):
+        raise DataError(f"{first}, fields 'chosen' / 'rejected': identical tokens, as in all {len(pairs)} training "
+                        f"pairs; --loss {loss} learns from the difference between chosen and rejected, so this data "
+                        "teaches it nothing (if truncation made them equal, raise --max_length / "
+                        "--max_completion_length)")
+    if loss != "rm":
+        logger.warning("data: %d of %d training pairs have identical chosen and rejected tokens (first: %s); they "
+                       "carry no preference signal and are kept", len(identical), len(pairs), first)
+    return len(identical)
