@@ -56,6 +56,9 @@ class ModelArguments:
     model_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where converted GGUF models are cached (default $PREFTUNE_CACHE or ~/.cache/preftune)."})
+    freeze_vision_tower: bool = field(
+        default=True, metadata={"help": "Vision–language models: keep the vision encoder and its projector frozen "
+                                "(false: train them; with LoRA, the adapter then covers their linear layers too)."})
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Load the tokenizer from here (directory or Hub id) instead of the model's."})
 

@@ -284,6 +284,10 @@ def load_tokenizer(model_args: ModelArguments):
     """
     from transformers import AutoTokenizer
 
+    from .models_vision import is_vision_language_source, load_processor
+
+    if is_vision_language_source(model_args):  # the processor; its .tokenizer is the text tokenizer
+        return load_processor(model_args)
     source = model_args.tokenizer_name_or_path or resolve_model_source(model_args)
     tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", model_args, source,
                                  trust_remote_code=model_args.trust_remote_code)
@@ -345,6 +349,10 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
     """
     from transformers import AutoModelForCausalLM
 
+    from .models_vision import is_vision_language_source, load_vision_model
+
+    if is_vision_language_source(model_args):  # AutoModelForImageTextToText (models_vision.py)
+        return load_vision_model(model_args, training=training, load_in_4bit=load_in_4bit, reward_model=reward_model)
     _check_attn_implementation(model_args.attn_implementation)
     dtype = _TORCH_DTYPES.get(model_args.dtype, model_args.dtype)
     kwargs = {}
@@ -436,7 +444,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[Pef
         model.config.pad_token_id = tokenizer.pad_token_id
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id
+        gen.pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id  # a processor's tokenizer
     if peft_args.use_peft:
         model = apply_peft(model, peft_args, with_reference_adapter=with_reference_adapter, reward_head=reward_model)
     return model, tokenizer

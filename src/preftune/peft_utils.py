@@ -73,6 +73,10 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
             setup_reference_adapter(peft_model, peft_args.peft_model_id)
         return peft_model
     target_modules = resolve_target_modules(model, peft_args.lora_target_modules)
+    if getattr(model.config, "vision_config", None) is not None:  # the language model's layers (models_vision)
+        from .models_vision import vision_lora_targets
+
+        target_modules = vision_lora_targets(model, target_modules)
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
                         target_modules=target_modules, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
                         bias="none", modules_to_save=["score"] if reward_head else None)

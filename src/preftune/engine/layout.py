@@ -40,10 +40,17 @@ class _Unit:
     branches: list[int]
     # (offset of predicting position inside the unit, token id, sequence index)
     targets: list[tuple[int, int, int]]
+    pair: int = -1  # the pair the unit belongs to
+    rejected_prompt: bool = False  # the unit's prompt is the pair's rejected-side prompt (other images)
+    prompt_len: int = 0
 
 
 def _units_for_pair(b: int, num_pairs: int, pair: TokenizedPair, share_prompt: bool) -> list[_Unit]:
     p, c, r = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    own_rejected = pair.images is not None and pair.images.rejected_paths is not None
+    if own_rejected:  # other images on the rejected side: its prompt is another sequence, never shared
+        share_prompt = False
+    rejected_p = (pair.images.rejected_prompt_ids or p) if own_rejected else p
     if not p:
         raise ValueError(f"pair {b}: empty prompt; the first completion token would have no predicting position")
     if not c or not r:
@@ -55,12 +62,14 @@ def _units_for_pair(b: int, num_pairs: int, pair: TokenizedPair, share_prompt: b
         branches = [SHARED] * lp + [CHOSEN] * lc + [REJECTED] * lr
         targets = [(lp - 1 + i, tok, b) for i, tok in enumerate(c)]
         targets += [((lp - 1) if j == 0 else (lp + lc + j - 1), tok, num_pairs + b) for j, tok in enumerate(r)]
-        return [_Unit(tokens, positions, branches, targets)]
+        return [_Unit(tokens, positions, branches, targets, b, False, lp)]
     units = []
-    for seq, comp in ((b, c), (num_pairs + b, r)):
+    for seq, prompt, comp in ((b, p, c), (num_pairs + b, rejected_p, r)):
+        lp = len(prompt)
         n = lp + len(comp)
-        units.append(_Unit(p + comp, list(range(n)), [SHARED] * n,
-                           [(lp - 1 + i, tok, seq) for i, tok in enumerate(comp)]))
+        units.append(_Unit(prompt + comp, list(range(n)), [SHARED] * n,
+                           [(lp - 1 + i, tok, seq) for i, tok in enumerate(comp)], b,
+                           own_rejected and seq >= num_pairs, lp))
     return units
 
 
@@ -130,6 +139,8 @@ def collate_pairs(
     * ``ref_chosen_logps`` / ``ref_rejected_logps``: ``(B,)`` float64, when every pair carries
       precomputed reference log-probs.
     * ``packed``: ``()`` 1 when a 4-D mask is needed (shared prompt or several units per row).
+    * pairs with images (:class:`preftune.types.PairImages`): the image tensors (``pixel.*``) and
+      where each image token sits, see :func:`preftune.engine.kinds.vision.image_batch_inputs`.
 
     Raises ``ValueError`` for an empty batch, prompt or completion.
     """
@@ -155,11 +166,13 @@ def collate_pairs(
     branch_ids = torch.zeros((n_rows, width), dtype=torch.long)
     t_index, t_ids, t_seq = [], [], []
     last = [0] * (2 * num_pairs)
+    placed: list[tuple[_Unit, int, int]] = []  # (unit, row, offset)
     for r, row in enumerate(rows):
         offset = 0
         for s, i in enumerate(row):
             u = units[i]
             n = len(u.tokens)
+            placed.append((u, r, offset))
             input_ids[r, offset:offset + n] = torch.tensor(u.tokens)
             position_ids[r, offset:offset + n] = torch.tensor(u.positions)
             segment_ids[r, offset:offset + n] = s
@@ -190,6 +203,10 @@ def collate_pairs(
         batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
     if any(p.margin is not None for p in pairs):  # reward-model margins; a pair without one has margin 0
         batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    if any(p.images is not None for p in pairs):
+        from preftune.engine.kinds.vision import image_batch_inputs  # pixels + where the image tokens sit
+
+        batch.update(image_batch_inputs(pairs, placed, width))
     return batch
 
 

@@ -42,11 +42,15 @@ def model_cache_path(model_key: str, cache_dir: Optional[Path] = None) -> Path:
 
 
 def pair_key(pair: TokenizedPair) -> str:
-    """sha1 (hex) of a pair's prompt, chosen and rejected token ids (with their lengths)."""
+    """sha1 (hex) of a pair's prompt, chosen and rejected token ids (with their lengths), and of its
+    images' bytes when it has images (:attr:`PairImages.digest`: same tokens, other pictures, other key)."""
     h = hashlib.sha1()
     for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
         h.update(len(ids).to_bytes(4, "little"))
         h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    images = getattr(pair, "images", None)
+    if images is not None:
+        h.update(b"images:" + images.digest.encode() + b"|rejected:" + str(images.rejected_paths is not None).encode())
     return h.hexdigest()
 
 

@@ -1,0 +1,267 @@
+"""Vision–language preference training: image records, the vision kind of the engine, LoRA, CLI.
+
+Tiny random models of three families are built from configs (``tests/vlm_tiny.py``: LLaVA,
+Qwen2-VL with M-RoPE, Idefics3) with real transformers processors and small generated PNGs. The
+engine's log-probs and gradients on image pairs must equal a naive path — the model's own forward
+``model(**processor outputs)`` on ``[P C]`` and on ``[P R]`` separately, full logits,
+log-softmax — in every layout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import vlm_tiny as V
+
+from preftune.config import DataArguments, LossArguments
+from preftune.data import DataError
+from preftune.data.vision import open_image, tokenize_image_records
+from preftune.engine.layout import collate_pairs
+from preftune.engine.logprobs import sequence_logps
+from preftune.engine.reference import pair_key
+from preftune.losses import compute_loss
+
+LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return V.write_images(tmp_path_factory.mktemp("images"), 8)
+
+
+def records(paths):
+    """Conversational with tags (2 images), standard without tags (images first), a text-only pair,
+    and TRL content parts (1 image)."""
+    return [
+        {"prompt": [{"role": "user", "content": "Look <image> and <image>: which is darker?"}],
+         "chosen": [{"role": "assistant", "content": "The first."}],
+         "rejected": [{"role": "assistant", "content": "I cannot see any picture at all"}], "images": paths[:2]},
+        {"prompt": "Describe the picture:", "chosen": " red squares", "rejected": " a blue sky", "images": paths[2:3]},
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]},
+        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "What colour? "}, {"type": "image"}]}],
+         "chosen": [{"role": "assistant", "content": "Green"}],
+         "rejected": [{"role": "assistant", "content": "Purple and orange"}], "images": paths[3:4]},
+    ]
+
+
+def tokenize(processor, recs, **kw):
+    args = DataArguments(max_length=kw.pop("max_length", 512), max_prompt_length=kw.pop("max_prompt_length", 64), **kw)
+    return tokenize_image_records(recs, processor, args, source="test.jsonl")
+
+
+def naive_logps(model, processor, pairs):
+    """``model(**processor(prompt, images))`` on [P C] and [P R] apart, full logits, log-softmax."""
+    out_c, out_r = [], []
+    for pair in pairs:
+        for rejected, comp, out in ((False, pair.chosen_ids, out_c), (True, pair.rejected_ids, out_r)):
+            kwargs, prompt = {}, pair.prompt_ids
+            if pair.images is not None:
+                paths = pair.images.rejected_paths if rejected and pair.images.rejected_paths else pair.images.paths
+                enc = processor(text=[pair.images.prompt_text], images=[[open_image(p) for p in paths]],
+                                return_tensors="pt", add_special_tokens=pair.images.loader.add_special_tokens)
+                prompt = enc["input_ids"][0].tolist()
+                kwargs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+                if "mm_token_type_ids" in enc:
+                    kwargs["mm_token_type_ids"] = torch.cat(
+                        [enc["mm_token_type_ids"], torch.zeros(1, len(comp), dtype=enc["mm_token_type_ids"].dtype)], 1)
+            ids = torch.tensor([prompt + comp])
+            logits = model(input_ids=ids, **kwargs).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            out.append(logp[len(prompt) - 1:].sum())
+    return torch.stack(out_c), torch.stack(out_r)
+
+
+def layout(pairs, share_prompt, padding_free):
+    longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free,
+                          max_tokens_per_batch=2 * longest, pad_token_id=0)
+    if padding_free:
+        assert int(batch["segment_ids"].max()) >= 1, "no row holds two units: packing untested"
+    return batch
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("family", V.FAMILIES)
+def test_layouts_match_naive_logps_and_grads(family, images):
+    model, processor = V.tiny_vlm(family)
+    pairs, stats = tokenize(processor, records(images))
+    assert stats.kept == 4 and stats.images == 4 and [p.images is not None for p in pairs] == [True, True, False, True]
+    ref_c, ref_r = naive_logps(model, processor, pairs)
+    (ref_c.sum() - 0.5 * ref_r.sum()).backward()
+    ref_grads = _grads(model)
+    vision_grad = max(g.abs().max().item() for (n, _), g in zip(model.named_parameters(), ref_grads)
+                      if "vision" in n or "visual" in n)
+    assert vision_grad > 0  # the vision tower is trained here: its gradients are compared too
+    model.zero_grad(set_to_none=True)
+    for share_prompt, padding_free in LAYOUTS:
+        out = sequence_logps(model, layout(pairs, share_prompt, padding_free), chunk_size=16)
+        torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.rejected_logps, ref_r, atol=1e-4, rtol=0)
+        (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+        for (name, _), g, g_ref in zip(model.named_parameters(), _grads(model), ref_grads):
+            torch.testing.assert_close(g, g_ref, atol=1e-5 * max(1.0, g_ref.abs().max().item()), rtol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        model.zero_grad(set_to_none=True)
+
+
+def test_eager_attention_and_frozen_vision_tower(images):
+    """Eager kernel (additive 4-D mask); vision tower frozen: features under no_grad, the language
+    model's gradients unchanged."""
+    model, processor = V.tiny_vlm("llava", attn="eager")
+    pairs, _ = tokenize(processor, records(images)[:2])
+    ref_c, ref_r = naive_logps(model, processor, pairs)
+    from preftune.models_vision import freeze_vision_tower
+
+    assert freeze_vision_tower(model) > 0
+    (ref_c.sum() + ref_r.sum()).backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    out = sequence_logps(model, layout(pairs, True, True))
+    torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
+    (out.chosen_logps.sum() + out.rejected_logps.sum()).backward()
+    for g, g_ref in zip(_grads(model), ref_grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", V.FAMILIES)
+def test_vision_encoder_runs_once_per_image(family, images):
+    """Every layout: one vision-encoder call per batch, each image through it once (not per branch)."""
+    model, processor = V.tiny_vlm(family)
+    pairs, _ = tokenize(processor, records(images))
+    tower = {"llava": "vision_tower", "qwen2_vl": "visual", "idefics3": "vision_model"}[family]
+    calls = []
+    getattr(model.model, tower).register_forward_hook(lambda m, a, k, o: calls.append(a[0].shape[0] if a else
+                                                                                      k["pixel_values"].shape[0]),
+                                                      with_kwargs=True)
+    for share_prompt, padding_free in LAYOUTS:
+        calls.clear()
+        with torch.no_grad():
+            sequence_logps(model, layout(pairs, share_prompt, padding_free))
+        assert len(calls) == 1
+        if family != "qwen2_vl":  # Qwen2-VL's tower takes patches, not images
+            assert calls[0] == 4  # 4 images in the batch (2 + 1 + 0 + 1), each encoded once
+
+
+def test_rejected_images_get_their_own_prompt(images):
+    """ms-swift ``rejected_images``: same text, other pictures on the rejected side (no shared prompt for it)."""
+    model, processor = V.tiny_vlm("qwen2_vl")
+    recs = records(images)[:2]
+    recs[0]["rejected_images"] = images[5:7]  # other sizes: Qwen2-VL gives the rejected prompt other token counts
+    pairs, _ = tokenize(processor, recs)
+    assert pairs[0].images.rejected_paths == images[5:7] and pairs[0].images.rejected_prompt_ids is not None
+    ref_c, ref_r = naive_logps(model, processor, pairs)
+    with torch.no_grad():
+        for share_prompt, padding_free in LAYOUTS:
+            out = sequence_logps(model, layout(pairs, share_prompt, padding_free))
+            torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.rejected_logps, ref_r, atol=1e-4, rtol=0)
+    assert pair_key(pairs[0]) != pair_key(tokenize(processor, records(images)[:1])[0][0])
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cpo", "simpo", "cpo-simpo", "orpo", "sft"])
+def test_every_loss_on_image_pairs(loss, images):
+    """Each loss of the table on an image batch: finite, and its gradient reaches the language model."""
+    model, processor = V.tiny_vlm("llava")
+    pairs, _ = tokenize(processor, records(images))
+    logps = sequence_logps(model, layout(pairs, True, True))
+    args = LossArguments(loss=loss, rpo_alpha=0.5 if loss == "dpo" else None)
+    if args.needs_reference:
+        logps.ref_chosen_logps = logps.chosen_logps.detach() - 0.3
+        logps.ref_rejected_logps = logps.rejected_logps.detach() + 0.2
+    out = compute_loss(logps, args)
+    loss_value = out.losses.mean()
+    assert torch.isfinite(loss_value)
+    loss_value.backward()
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_reference_key_depends_on_image_bytes(images, tmp_path):
+    _, processor = V.tiny_vlm("llava")
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(open(images[2], "rb").read())
+    other = V.write_images(tmp_path / "other", 3, seed=5)[2]  # same size as images[2]: same tokens
+    rec = records(images)[1]
+    a = tokenize(processor, [rec])[0][0]
+    b = tokenize(processor, [dict(rec, images=[str(copy)])])[0][0]
+    c = tokenize(processor, [dict(rec, images=[other])])[0][0]
+    assert a.prompt_ids == c.prompt_ids
+    assert pair_key(a) == pair_key(b) != pair_key(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: placement of images, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_images_without_tags_go_before_the_first_user_text(images):
+    _, processor = V.tiny_vlm("llava")
+    rec = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is it?"}],
+           "chosen": [{"role": "assistant", "content": "A cat."}],
+           "rejected": [{"role": "assistant", "content": "A dog."}], "images": images[:2]}
+    pair = tokenize(processor, [rec])[0][0]
+    assert pair.images.prompt_text == "<|system|>Be brief.\n<|user|><image><image>What is it?\n<|assistant|>"
+    standard = tokenize(processor, [{"prompt": "Q?", "chosen": " a", "rejected": " b", "images": images[:1]}])[0][0]
+    assert standard.images.prompt_text == "<image>Q?"
+    assert standard.prompt_ids.count(pair.images.image_token_id) == 4  # (16/8)^2 patches, CLS dropped
+
+
+def test_long_image_prompt_is_never_cut(images):
+    _, processor = V.tiny_vlm("llava")
+    n = len(tokenize(processor, records(images)[:1])[0][0].prompt_ids)
+    pairs, stats = tokenize(processor, records(images)[:1], max_prompt_length=8, max_length=n + 3)
+    assert stats.long_image_prompts == 1 and stats.prompts_truncated == 0 and stats.completions_truncated == 2
+    assert len(pairs[0].prompt_ids) == n and pairs[0].prompt_ids.count(pairs[0].images.image_token_id) == 8
+    assert len(pairs[0].chosen_ids) == 3 and "kept whole" in stats.summary()
+    pairs, stats = tokenize(processor, records(images)[:1], max_prompt_length=8, max_length=n)
+    assert not pairs and stats.dropped == {"prompt with images fills max_length": 1}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("count", "2 images but 1 <image> tags"),
+    ("missing", "image file not found"),
+    ("not_image", "cannot read"),
+    ("completion_tag", "tag or image part in a completion"),
+])
+def test_bad_image_records(case, message, images, tmp_path):
+    _, processor = V.tiny_vlm("llava")
+    rec = records(images)[0]
+    field = "images"
+    if case == "count":
+        rec["prompt"] = [{"role": "user", "content": "Only <image> here"}]
+    elif case == "missing":
+        rec["images"] = [images[0], str(tmp_path / "gone.png")]
+        field = "images[1]"
+    elif case == "not_image":
+        bad = tmp_path / "notes.png"
+        bad.write_text("not an image")
+        rec["images"] = [str(bad), images[1]]
+        field = "images[0]"
+    else:
+        rec["chosen"] = [{"role": "assistant", "content": "see <image>"}]
+        field = "chosen"
+    with pytest.raises(DataError) as err:
+        tokenize(processor, [records(images)[2], rec])
+    text = str(err.value)
+    assert message in text and "test.jsonl, record 2" in text and f"field '{field}'" in text
+    if case in ("missing", "not_image"):
+        assert rec["images"][0 if case == "not_image" else 1] in text
+
+
+def test_example_file_is_valid():
+    """examples/vlm: a swift-format file with two images, readable as shipped."""
+    import os
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "examples", "vlm")
+    with open(os.path.join(folder, "swift_dpo.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    assert rows and all(len(r["images"]) >= 1 for r in rows)
+    for row in rows:
+        for path in row["images"] + row.get("rejected_images", []):
+            open_image(os.path.join(folder, path))
