@@ -37,21 +37,20 @@ def model_dir(tmp_path_factory):
 
 
 def ultrafeedback_like(n: int) -> list[dict]:
-    """Records shaped like trl-lib/ultrafeedback_binarized: chosen/rejected dialogues + scores."""
+    """Records shaped like trl-lib/ultrafeedback_binarized: chosen/rejected dialogues + scores (short:
+    the byte tokenizer spends a token per character)."""
     out = []
     for i in range(n):
-        question = f"What is {i} plus {i % 5}?"
-        out.append({"chosen": [{"role": "user", "content": question},
-                               {"role": "assistant", "content": f"{i + i % 5}."}],
+        question = f"{i}+{i % 5}?"
+        out.append({"chosen": [{"role": "user", "content": question}, {"role": "assistant", "content": f"{i + i % 5}"}],
                     "rejected": [{"role": "user", "content": question},
-                                 {"role": "assistant", "content": f"I think it is {i * 3 + 1}, maybe."}],
+                                 {"role": "assistant", "content": f"{i * 3 + 1}?"}],
                     "score_chosen": 8.0, "score_rejected": 3.0})
     return out
 
 
 def standard(n: int) -> list[dict]:
-    return [{"prompt": f"Q{i}: name colour {i}?", "chosen": f" Colour {i} is blue.", "rejected": f" No {i}."}
-            for i in range(n)]
+    return [{"prompt": f"Q{i}: colour?", "chosen": f" {i} blue.", "rejected": f" No{i}."} for i in range(n)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
@@ -236,6 +235,34 @@ def test_orpo_trainer_swift_records_train_evaluate_save_reload(model_dir, tmp_pa
     trainer.save_model()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "orpo"))
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "lora_" in n) > 0
+
+
+def test_reward_trainer_equals_preftune_train_rm(model_dir, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from preftune.trl import RewardConfig, RewardTrainer
+
+    records = standard(8) + [{"prompt": "Same?", "chosen": " Yes.", "rejected": " Yes."}]  # identical: skipped
+    out_cli = tmp_path / "cli"
+    assert main(["train", "--model_name_or_path", model_dir, "--dataset", write_jsonl(tmp_path / "r.jsonl", records),
+                 "--loss", "rm", "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+                 "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "1e-3", "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_length", "1024",
+                 "--max_prompt_length", "256", "--save_strategy", "no", "--output_dir", str(out_cli),
+                 "--activation_checkpointing", "true"]) == 0
+    args = RewardConfig(output_dir=str(tmp_path / "rm"), learning_rate=1e-3, max_steps=2, per_device_train_batch_size=4,
+                        logging_steps=1, max_prompt_length=256, save_strategy="no", report_to="none")
+    trainer = RewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(records),
+                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   task_type="SEQ_CLS"))
+    assert "1 pairs with identical chosen and rejected tokens skipped" in trainer.data_report
+    trainer.train()
+    assert losses(trainer.state.log_history) == pytest.approx(losses(cli_history(out_cli)), abs=1e-6)
+    trainer.save_model()
+    assert (tmp_path / "rm" / "value_head.safetensors").is_file()
+    with pytest.raises(ConfigError, match="beta does not apply"):
+        RewardConfig(output_dir="unused", beta=0.1, report_to="none")
 
 
 def test_config_fields_map_onto_preftune_groups():

@@ -1,117 +1,47 @@
 """A Python API with TRL's shape: ``from preftune.trl import DPOConfig, DPOTrainer`` instead of ``from trl``.
 
-``CPOTrainer``, ``DPOTrainer`` and ``ORPOTrainer`` take TRL 1.16's constructor (same keywords, same
-positional order) and run preftune's recipe (:mod:`preftune.train`): the model (a name/path or a
-loaded ``PreTrainedModel`` / ``PeftModel``), LoRA from a peft ``LoraConfig``, the data through
-:mod:`preftune.data` (a ``datasets.Dataset`` or a list of dicts in any supported format), reference
-log-probs, and a :class:`preftune.trainer.PreferenceTrainer` — a ``transformers.Trainer``, so
-``.train()``, ``.evaluate()``, ``.save_model()``, ``.state.log_history`` and callbacks are the usual ones.
-The configs are in :mod:`preftune.trl_config`; the field mapping is in ``docs/python-api.md``.
+``CPOTrainer``, ``DPOTrainer``, ``ORPOTrainer`` and ``RewardTrainer`` take TRL 1.16's constructor (same
+keywords, same positional order) and run preftune's recipe (:mod:`preftune.train`): the model (a
+name/path or a loaded ``PreTrainedModel`` / ``PeftModel``), LoRA from a peft ``LoraConfig``, the data
+through :mod:`preftune.data` (a ``datasets.Dataset`` or a list of dicts in any supported format),
+reference log-probs, and a :class:`preftune.trainer.PreferenceTrainer` — a ``transformers.Trainer``,
+so ``.train()``, ``.evaluate()``, ``.save_model()``, ``.state.log_history`` and callbacks are the
+usual ones. The configs are in :mod:`preftune.trl_config`; the field mapping is in ``docs/python-api.md``.
 
-Older TRL keywords still work, with one logged line naming today's spelling: ``tokenizer=`` (now
-``processing_class=``) and the loss/data settings that used to go to the trainer (``beta=``,
-``max_length=``, ``max_prompt_length=``, ``max_target_length=`` ...; now fields of the config).
+Older TRL spellings still work, with one logged line naming today's: ``tokenizer=`` (now
+``processing_class=``), the loss/data settings that used to go to the trainer (``beta=``,
+``max_length=``, ``max_prompt_length=``, ``max_target_length=`` ...; now fields of the config), and a
+plain ``transformers.TrainingArguments`` as ``args`` (TRL < 0.9).
+
+Unlike ``preftune train``, a non-empty ``output_dir`` is not refused (TRL's behaviour: scripts rerun).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-import torch
-
+from preftune import trl_support as support
 from preftune.cli_args import config_to_yaml
-from preftune.config import ConfigError, ModelArguments, PeftArguments
-from preftune.trainer import PreferenceTrainer
-from preftune.trl_config import CPOConfig, DPOConfig, ORPOConfig, _TRLConfig
+from preftune.config import ConfigError, PeftArguments, resolve_reference_options
+from preftune.trainer import PairDataset, PreferenceTrainer
+from preftune.trl_config import CPOConfig, DPOConfig, ORPOConfig, RewardConfig, _TRLConfig
 
-__all__ = ["CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "ORPOConfig", "ORPOTrainer"]
+__all__ = ["CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "ORPOConfig", "ORPOTrainer", "RewardConfig",
+           "RewardTrainer"]
 
 logger = logging.getLogger("preftune.trl")
 
-# older trainer keyword -> config field (today's spelling)
-LEGACY_KEYWORDS = {name: name for name in (
-    "beta", "loss_type", "label_smoothing", "max_length", "max_prompt_length", "max_completion_length",
-    "truncation_mode", "cpo_alpha", "simpo_gamma", "rpo_alpha", "disable_dropout", "precompute_ref_log_probs",
-    "padding_value", "generate_during_eval", "is_encoder_decoder", "model_init_kwargs", "dataset_num_proc")}
-LEGACY_KEYWORDS["max_target_length"] = "max_completion_length"
-# LoraConfig fields honoured (→ PeftArguments) and fields without effect on training
-_LORA_HONOURED = ("r", "lora_alpha", "lora_dropout", "target_modules")
-_LORA_NO_EFFECT = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                   "inference_mode", "bias", "runtime_config")
-_MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
-_UNSUPPORTED_ARGS = {
-    "data_collator": "preftune's engine lays out the batch itself (shared prompt, packing)",
-    "preprocess_logits_for_metrics": "the engine never materialises [B, T, V] logits",
-    "compute_metrics": "the engine never materialises logits; the metrics are TRL's reward/logps set",
-    "model_init": "pass the model (a name/path or a loaded model)",
-    "quantization_config": "for QLoRA use `preftune train --load_in_4bit` (4-bit NF4 through bitsandbytes)",
-}
-
-
-def _fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer (name, dtype, shape, bytes): the reference-cache key of a
-    model passed as an object, whose weights may differ from any file."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _disable_dropout(module: torch.nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
-def lora_to_peft_args(peft_config: Any, model: torch.nn.Module) -> PeftArguments:
-    """A peft ``LoraConfig`` as :class:`PeftArguments` (r, lora_alpha, lora_dropout, target_modules;
-    ``target_modules=None`` becomes peft's default for the model type, e.g. ``q_proj, v_proj`` for Llama).
-
-    Raises :class:`ConfigError` for another peft config type, a task type other than ``CAUSAL_LM``,
-    a regex ``target_modules`` string, or any other LoRA option set away from peft's default
-    (DoRA, rsLoRA, ``modules_to_save``, ``bias`` ...): preftune's LoRA does not apply those.
-    """
-    from peft import LoraConfig
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
-
-    if not isinstance(peft_config, LoraConfig):
-        raise ConfigError(f"peft_config: only peft.LoraConfig is supported, got {type(peft_config).__name__}")
-    task = getattr(peft_config.task_type, "value", peft_config.task_type)
-    if task not in (None, "CAUSAL_LM"):
-        raise ConfigError(f"peft_config: task_type {task!r}; preference training of a causal LM needs CAUSAL_LM")
-    default = LoraConfig()
-    odd = [f"{k}={getattr(peft_config, k)!r}" for k in vars(default)
-           if k not in _LORA_HONOURED + _LORA_NO_EFFECT and getattr(peft_config, k) != getattr(default, k)]
-    if peft_config.bias != "none":
-        odd.append(f"bias={peft_config.bias!r}")
-    if odd:
-        raise ConfigError(f"peft_config: {', '.join(odd)} not supported by preftune's LoRA (it honours "
-                          f"{', '.join(_LORA_HONOURED)})")
-    targets = peft_config.target_modules
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise ConfigError(f"peft_config: no target_modules and peft has no default for model type "
-                              f"{model_type!r}; give target_modules")
-        targets = list(DEFAULT_TARGETS[model_type])
-    elif isinstance(targets, str):
-        if targets != "all-linear":
-            raise ConfigError(f"peft_config: target_modules {targets!r}: a regex is not supported; give a list "
-                              "of module names or 'all-linear'")
-        targets = ["all-linear"]
-    return PeftArguments(use_peft=True, lora_r=peft_config.r, lora_alpha=peft_config.lora_alpha,
-                         lora_dropout=peft_config.lora_dropout, lora_target_modules=sorted(targets))
-
 
 class _TRLTrainer(PreferenceTrainer):
-    """The shared construction of the TRL-shaped trainers (see the module docstring)."""
+    """The shared construction of the TRL-shaped trainers (see the module docstring).
+
+    After construction: ``preftune_groups`` (the configuration groups, as ``preftune train`` resolves
+    them) and ``data_report`` (the data lines: format, counts, truncations).
+    """
 
     _config_class: ClassVar[type[_TRLConfig]]
 
@@ -121,118 +51,101 @@ class _TRLTrainer(PreferenceTrainer):
 
         from preftune.data import build_datasets
         from preftune.data.pipeline import records_to_raw
-        from preftune.models import load_model, load_tokenizer, prepare_for_gradient_checkpointing
+        from preftune.models import prepare_for_gradient_checkpointing
         from preftune.peft_utils import _is_peft_model, apply_peft
-        from preftune.train import attach_reference, configure_cpu_numerics, trainer_kwargs
+        from preftune.train import configure_cpu_numerics, trainer_kwargs
 
         name = type(self).__name__
         for key, value in unsupported.items():
             if value is not None:
-                raise ConfigError(f"{name}: {key} is not supported: {_UNSUPPORTED_ARGS[key]}; drop the argument")
-        if model is None:
-            raise ConfigError(f"{name}: model is required (a name/path or a loaded PreTrainedModel)")
-        if train_dataset is None:
-            raise ConfigError(f"{name}: train_dataset is required")
-        if args is None:
+                raise ConfigError(f"{name}: {key} is not supported: {support.UNSUPPORTED_ARGS[key]}; drop the argument")
+        if model is None or train_dataset is None:
+            raise ConfigError(f"{name}: model and train_dataset are required")
+        if args is None:  # TRL's default output_dir: <model name>-<trainer>
             base = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "model"
-            args = self._config_class(output_dir=f"{str(base).rstrip('/').split('/')[-1]}-{args_suffix(self)}")
+            args = self._config_class(output_dir=f"{str(base).rstrip('/').split('/')[-1]}-"
+                                                 f"{self._config_class._trainer_name}")
         args, processing_class = self._apply_legacy(args, processing_class, legacy)
         set_seed(args.seed)
-        loaded_by_name = isinstance(model, str)
-        needs_reference = args.preftune_groups()[3].needs_reference
+        loss_args = args.preftune_groups()[3]
+        reward = loss_args.is_reward_model
 
-        # model and tokenizer
-        init = dict(args.model_init_kwargs or {})
-        if isinstance(model, str):
-            unknown = sorted(set(init) - set(_MODEL_INIT_KEYS))
-            if unknown:
-                raise ConfigError(f"{name}: model_init_kwargs {unknown} not supported; use {', '.join(_MODEL_INIT_KEYS)}")
-            dtype = init.get("dtype", init.get("torch_dtype", "float32"))
-            model_args = ModelArguments(model_name_or_path=model, dtype=str(dtype).replace("torch.", ""),
-                                        attn_implementation=init.get("attn_implementation", "sdpa"),
-                                        trust_remote_code=bool(init.get("trust_remote_code", args.trust_remote_code)))
-            model = load_model(model_args, training=True)
-        else:
-            if init:
-                raise ConfigError(f"{name}: model_init_kwargs given but the model is already loaded")
-            path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-            model_args = ModelArguments(model_name_or_path=path or None,
-                                        dtype=str(getattr(model, "dtype", "float32")).replace("torch.", ""),
-                                        attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa")
-            model.config.use_cache = False
-        if processing_class is None:
-            if not model_args.model_name_or_path:
-                raise ConfigError(f"{name}: no processing_class and the model has no name_or_path to load one from")
-            processing_class = load_tokenizer(model_args)
-        elif processing_class.pad_token is None:
-            if processing_class.eos_token is None:
-                raise ConfigError(f"{name}: the tokenizer has neither a pad nor an eos token; add a pad token")
-            processing_class.pad_token = processing_class.eos_token
-            logger.info("tokenizer has no pad token; using the eos token %r", processing_class.eos_token)
+        model, model_args = support.resolve_model(model, args, reward=reward, where=name)
+        processing_class = support.ready_tokenizer(processing_class, model_args, name)
+        if reward:
+            model.config.pad_token_id = processing_class.pad_token_id  # the reward is read at the last non-pad
         gen = getattr(model, "generation_config", None)
         if gen is not None and gen.pad_token_id is None:
             gen.pad_token_id = processing_class.pad_token_id
-
-        # reference-cache key: a model loaded here by name is keyed like the CLI's; an object by its weights
+        # reference-cache key: a model loaded here by name is keyed as the CLI keys it; an object by its weights
         amp = "bf16" if args.bf16 else "fp16" if args.fp16 else "none"
         object_key = None
-        if needs_reference and not loaded_by_name and ref_model is None:
-            object_key = f"object|{model_args.model_name_or_path}|{_fingerprint(model)}|amp={amp}"
+        if loss_args.needs_reference and ref_model is None and not isinstance(self._given_model, str):
+            object_key = f"object|{model_args.model_name_or_path}|{support.fingerprint(model)}|amp={amp}"
 
-        # LoRA
-        continuing = _is_peft_model(model)
+        continuing = _is_peft_model(model)  # a PeftModel passed: its adapter trains on, from as it is
+        if continuing and peft_config is not None:
+            raise ConfigError(f"{name}: the model already has peft adapters; pass peft_config=None, or the base "
+                              "model together with peft_config")
         if continuing:
-            if peft_config is not None:
-                raise ConfigError(f"{name}: the model already has peft adapters; pass peft_config=None, or the "
-                                  "base model together with peft_config")
-            cfg = model.peft_config[model.active_adapter]
-            peft_args = PeftArguments(use_peft=True, lora_r=cfg.r, lora_alpha=cfg.lora_alpha,
-                                      lora_dropout=cfg.lora_dropout, lora_target_modules=sorted(cfg.target_modules))
+            peft_args = support.peft_args_of(model)
         elif peft_config is not None:
-            peft_args = lora_to_peft_args(peft_config, model)
-            model = apply_peft(model, peft_args)
+            peft_args = support.lora_to_peft_args(peft_config, model, reward=reward)
+            model = apply_peft(model, peft_args, reward_head=reward)
         else:
             peft_args = PeftArguments()
         if args.gradient_checkpointing and peft_args.use_peft:
             prepare_for_gradient_checkpointing(model)
         if args.disable_dropout:
-            _disable_dropout(model)
+            support.disable_dropout(model)
             peft_args.lora_dropout = 0.0  # what ran, for preftune_config.yaml
 
         groups = args.preftune_groups(model_args, peft_args)
+        resolve_reference_options(groups[3], groups[4], has_ref_model=ref_model is not None)
         configure_cpu_numerics(groups[4])
         data = build_datasets(groups[2], processing_class, seed=args.seed,
                               train_raw=records_to_raw(train_dataset, "train_dataset"),
                               eval_raw=None if eval_dataset is None else records_to_raw(eval_dataset, "eval_dataset"))
+        if reward:  # identical pairs skipped and counted
+            from preftune.score import prepare_reward_data
 
-        # reference policy (DPO family)
-        live_ref = None
-        if needs_reference:
-            precompute = groups[4].precompute_ref_log_probs
-            if ref_model is not None:
-                ref_model = ref_model.to(args.device).eval().requires_grad_(False)
-                if args.disable_dropout:
-                    _disable_dropout(ref_model)
-                object_key = f"object|{_fingerprint(ref_model)}|amp={amp}"
-            elif continuing and not precompute:
-                raise ConfigError(f"{name}: a PeftModel with precompute_ref_log_probs=False needs a ref_model "
-                                  "(or keep precompute_ref_log_probs=True: the reference is the model as passed)")
-            elif not peft_args.use_peft and not precompute:
-                ref_model = copy.deepcopy(model).to(args.device).eval().requires_grad_(False)
-            ref_ctx, live_ref = attach_reference(groups, model, data, ref_model=ref_model, model_key=object_key,
-                                                 continuing=continuing,
-                                                 batch_size=getattr(args, "precompute_ref_batch_size", None))
-            if continuing:  # adapters-off is not this reference (the adapter as passed): no live fallback
-                ref_ctx = None
-        elif ref_model is not None:
-            raise ConfigError(f"{name}: ref_model given, but {groups[3].loss} uses no reference model")
-        else:
-            ref_ctx = None
-
-        kwargs = trainer_kwargs(groups, model, processing_class, data, ref_ctx, live_ref)
-        super().__init__(**kwargs, callbacks=callbacks, optimizers=optimizers)
+            data = prepare_reward_data(data)
+        ref_ctx, live_ref = self._reference(groups, model, data, ref_model, object_key, continuing, amp)
+        run_config = config_to_yaml(groups)  # before the Trainer (it builds a TrainingArguments)
+        super().__init__(**trainer_kwargs(groups, model, processing_class, data, ref_ctx, live_ref),
+                         callbacks=callbacks, optimizers=optimizers)
+        self.run_config_yaml = run_config  # written into every checkpoint, as preftune train does
         self.preftune_groups = groups
         self.data_report = data.report
+
+    _given_model: Any = None
+
+    def _reference(self, groups, model, data, ref_model, object_key, continuing, amp):
+        """``(reference_context, live_ref_model)`` for the DPO family (see :func:`preftune.train.attach_reference`)."""
+        from preftune.train import attach_reference
+
+        args, name = groups[5], type(self).__name__
+        if not groups[3].needs_reference:
+            if ref_model is not None:
+                raise ConfigError(f"{name}: ref_model given, but {groups[3].loss} uses no reference model")
+            return None, None
+        precompute = groups[4].precompute_ref_log_probs
+        if ref_model is not None:
+            ref_model = ref_model.to(args.device).eval().requires_grad_(False)
+            if args.disable_dropout:
+                support.disable_dropout(ref_model)
+            object_key = f"object|{support.fingerprint(ref_model)}|amp={amp}"
+        elif continuing and not precompute:
+            raise ConfigError(f"{name}: a PeftModel with precompute_ref_log_probs=False needs a ref_model "
+                              "(or keep precompute_ref_log_probs=True: the reference is the model as passed)")
+        elif not groups[1].use_peft and not precompute:  # full fine-tuning, live reference: a frozen copy
+            ref_model = copy.deepcopy(model).to(args.device).eval().requires_grad_(False)
+        ref_ctx, live_ref = attach_reference(groups, model, data, ref_model=ref_model, model_key=object_key,
+                                             continuing=continuing,
+                                             batch_size=getattr(args, "precompute_ref_batch_size", None))
+        if continuing:  # adapters-off is not this reference (the adapter as passed): no live fallback
+            ref_ctx = None
+        return ref_ctx, live_ref
 
     def _apply_legacy(self, args, processing_class, legacy: dict[str, Any]):
         """Older spellings → today's (a copy of ``args``), logged in one line: trainer keywords, and a plain
@@ -244,10 +157,8 @@ class _TRLTrainer(PreferenceTrainer):
         if not isinstance(args, self._config_class):
             if not isinstance(args, TrainingArguments) or isinstance(args, _TRLConfig):
                 raise ConfigError(f"{name}: args must be a {config}, got {type(args).__name__}")
-            args = self._config_class(**_training_fields(args), remove_unused_columns=False)
+            args = self._config_class(**support.training_fields(args), remove_unused_columns=False)
             notes.append(f"args=TrainingArguments(...) → args={config}(...)")
-        if not legacy and not notes:
-            return args, processing_class
         for key, value in legacy.items():
             if key == "tokenizer":
                 if processing_class is not None:
@@ -255,14 +166,16 @@ class _TRLTrainer(PreferenceTrainer):
                 processing_class = value
                 notes.append("tokenizer= → processing_class=")
                 continue
-            target = LEGACY_KEYWORDS.get(key)
+            target = support.LEGACY_KEYWORDS.get(key)
             if target is None or not hasattr(args, target):
-                valid = ["tokenizer", *[k for k, t in LEGACY_KEYWORDS.items() if hasattr(args, t)]]
+                valid = ["tokenizer", *[k for k, t in support.LEGACY_KEYWORDS.items() if hasattr(args, t)]]
                 hint = difflib.get_close_matches(key, valid, n=1)
                 raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}"
                                 + (f"; did you mean {hint[0]!r}?" if hint else ""))
             fields[target] = value
             notes.append(f"{key}= → {config}({target}=)")
+        if not notes:
+            return args, processing_class
         if fields:
             args = copy.copy(args)
             for key, value in fields.items():
@@ -280,8 +193,6 @@ class _TRLTrainer(PreferenceTrainer):
         Raises :class:`ConfigError` when that dataset needs reference log-probs and there is no live
         reference (full fine-tuning or a passed ``PeftModel`` with precomputed ones): give it at construction.
         """
-        from preftune.trainer import PairDataset
-
         if eval_dataset is not None and not isinstance(eval_dataset, PairDataset):
             eval_dataset = PairDataset(self._tokenize(eval_dataset, "eval_dataset"))
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -297,39 +208,32 @@ class _TRLTrainer(PreferenceTrainer):
                               "pass this dataset as eval_dataset when building the trainer")
         data = build_datasets(groups[2], self.processing_class, seed=self.args.seed,
                               train_raw=records_to_raw(records, source))
+        if groups[3].is_reward_model:
+            from preftune.score import prepare_reward_data
+
+            data = prepare_reward_data(data)
         return data.train
 
     # ---- saving -----------------------------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` (adapter or model + tokenizer), plus — on a user's call — the resolved
-        ``preftune_config.yaml`` and ``data_report.txt``."""
+        ``preftune_config.yaml``, ``data_report.txt`` and, for a reward model, ``value_head.safetensors``."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if _internal_call or not self.is_world_process_zero():
             return
-        from pathlib import Path
-
         out = Path(output_dir or self.args.output_dir)
         note = ("# written by preftune.trl; the data was passed in memory (train_dataset), so `dataset` below is\n"
                 "# empty: set it to a file of the same records to repeat the run with `preftune train`\n")
-        (out / "preftune_config.yaml").write_text(note + config_to_yaml(self.preftune_groups))
+        (out / "preftune_config.yaml").write_text(note + self.run_config_yaml)
         (out / "data_report.txt").write_text(self.data_report + "\n")
+        if self.preftune_groups[3].is_reward_model:
+            from preftune.score import save_value_head
+
+            save_value_head(self.model, out)
 
 
-def _training_fields(args) -> dict[str, Any]:
-    """The ``transformers.TrainingArguments`` fields of ``args`` as keywords (the deprecated
-    ``gradient_checkpointing*`` aliases left out: they mirror ``activation_checkpointing*``)."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    skip = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "remove_unused_columns"}
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
-            if f.init and not f.name.startswith("_") and f.name not in skip}
-
-
-def args_suffix(trainer: _TRLTrainer) -> str:
-    """``CPO`` / ``DPO`` / ``ORPO``: TRL's default ``output_dir`` is ``<model name>-<suffix>``."""
-    return trainer._config_class._trainer_name
+def _unsupported(**kwargs: Any) -> dict[str, Any]:
+    return kwargs
 
 
 class CPOTrainer(_TRLTrainer):
@@ -341,10 +245,11 @@ class CPOTrainer(_TRLTrainer):
                  eval_dataset=None, processing_class=None, model_init=None, callbacks=None,
                  optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
                  compute_metrics=None, **legacy):
+        self._given_model = model
         self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-                    peft_config, {"data_collator": data_collator, "model_init": model_init,
-                                  "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
-                                  "compute_metrics": compute_metrics}, legacy)
+                    peft_config, _unsupported(data_collator=data_collator, model_init=model_init,
+                                              preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                                              compute_metrics=compute_metrics), legacy)
 
 
 class ORPOTrainer(_TRLTrainer):
@@ -356,10 +261,11 @@ class ORPOTrainer(_TRLTrainer):
                  eval_dataset=None, processing_class=None, model_init=None, callbacks=None,
                  optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
                  compute_metrics=None, **legacy):
+        self._given_model = model
         self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-                    peft_config, {"data_collator": data_collator, "model_init": model_init,
-                                  "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
-                                  "compute_metrics": compute_metrics}, legacy)
+                    peft_config, _unsupported(data_collator=data_collator, model_init=model_init,
+                                              preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                                              compute_metrics=compute_metrics), legacy)
 
 
 class DPOTrainer(_TRLTrainer):
@@ -376,6 +282,29 @@ class DPOTrainer(_TRLTrainer):
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None, **legacy):
+        self._given_model = model
         self._build(model, ref_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-                    peft_config, {"data_collator": data_collator, "compute_metrics": compute_metrics,
-                                  "quantization_config": quantization_config}, legacy)
+                    peft_config, _unsupported(data_collator=data_collator, compute_metrics=compute_metrics,
+                                              quantization_config=quantization_config), legacy)
+
+
+class RewardTrainer(_TRLTrainer):
+    """TRL 1.16's ``RewardTrainer`` signature on preftune's reward model (``--loss rm``; :class:`RewardConfig`).
+
+    ``model``: a name/path (loaded as a sequence classifier with one label, the scalar head ``score``
+    new and seeded) or a loaded one-label sequence classifier. With a ``LoraConfig`` (task ``SEQ_CLS``)
+    LoRA adapts the body and the head trains fully; ``save_model`` also writes ``value_head.safetensors``.
+    """
+
+    _config_class = RewardConfig
+
+    def __init__(self, model=None, args: Optional[RewardConfig] = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
+                 quantization_config=None, peft_config=None, **legacy):
+        self._given_model = model
+        self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+                    peft_config, _unsupported(data_collator=data_collator, compute_metrics=compute_metrics,
+                                              optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                                              preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                                              quantization_config=quantization_config), legacy)

@@ -1,4 +1,4 @@
-"""TRL-shaped configuration classes: ``CPOConfig``, ``DPOConfig``, ``ORPOConfig``.
+"""TRL-shaped configuration classes: ``CPOConfig``, ``DPOConfig``, ``ORPOConfig``, ``RewardConfig``.
 
 Each is a dataclass subclass of :class:`preftune.cli_args.PreftuneTrainingArguments` (so every
 ``transformers.TrainingArguments`` field works, and ``HfArgumentParser`` turns it into flags) with
@@ -252,3 +252,32 @@ class DPOConfig(_TRLConfig):
                 raise ConfigError("DPOConfig: give the NLL weight once: rpo_alpha or loss_type [..., 'sft'], not both")
             rpo_alpha = weights[types.index("sft")]
         return {**base, "loss": "dpo", "dpo_loss_type": preference[0], "rpo_alpha": rpo_alpha}
+
+
+@dataclass
+class RewardConfig(_TRLConfig):
+    """TRL 1.16's ``RewardConfig`` on preftune's ``rm`` loss: a Bradley-Terry reward model,
+    ``loss = -log sigmoid(r_chosen - r_rejected)`` (Ouyang et al. 2022, arXiv 2203.02155, eq. 1), plus
+    ``center_rewards_coefficient * mean((r_chosen + r_rejected)^2)`` (Eisenstein et al. 2023,
+    arXiv 2312.09244, eq. 2) when set. There is no ``beta``. TRL drops a pair longer than
+    ``max_length``; preftune truncates it (and counts it in the data report).
+    """
+
+    _trainer_name: ClassVar[str] = "Reward"
+    _unsupported: ClassVar[dict[str, Any]] = {
+        **_TRLConfig._unsupported, "chat_template_path": None, "eos_token": None, "activation_offloading": False,
+        "pad_token": None}
+
+    learning_rate: float = field(default=1e-4, metadata=_help("Initial AdamW learning rate (TRL's 1e-4)."))
+    beta: Optional[float] = field(default=None, metadata=_help("Not used by a reward model (must stay None)."))
+    center_rewards_coefficient: Optional[float] = field(
+        default=None, metadata=_help("Weight of the reward-centering term (TRL recommends 0.01)."))
+    pad_to_multiple_of: Optional[int] = field(
+        default=None, metadata=_help("Accepted for TRL scripts; preftune's engine packs pairs without padding."))
+    chat_template_path: Optional[str] = field(default=None, metadata=_help("Not supported (set the tokenizer's)."))
+    eos_token: Optional[str] = field(default=None, metadata=_help("Not supported (the tokenizer's eos is used)."))
+    activation_offloading: bool = field(default=False, metadata=_help("Not supported."))
+    pad_token: Optional[str] = field(default=None, metadata=_help("Deprecated in TRL; set tokenizer.pad_token."))
+
+    def loss_fields(self) -> dict[str, Any]:
+        return {"loss": "rm", "beta": self.beta, "center_rewards_coefficient": self.center_rewards_coefficient}

@@ -1,0 +1,173 @@
+"""Helpers of the TRL-shaped API (:mod:`preftune.trl`): model and tokenizer from what a TRL script
+passes, a peft ``LoraConfig`` as preftune's LoRA settings, the older keywords, dropout, cache keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Any
+
+import torch
+
+from preftune.config import ConfigError, ModelArguments, PeftArguments
+
+logger = logging.getLogger("preftune.trl")
+
+# older trainer keyword -> config field (today's spelling)
+LEGACY_KEYWORDS = {name: name for name in (
+    "beta", "loss_type", "label_smoothing", "max_length", "max_prompt_length", "max_completion_length",
+    "truncation_mode", "cpo_alpha", "simpo_gamma", "rpo_alpha", "disable_dropout", "precompute_ref_log_probs",
+    "padding_value", "generate_during_eval", "is_encoder_decoder", "model_init_kwargs", "dataset_num_proc",
+    "center_rewards_coefficient")}
+LEGACY_KEYWORDS["max_target_length"] = "max_completion_length"
+
+# trainer arguments preftune cannot honour, with the reason given in the error
+UNSUPPORTED_ARGS = {
+    "data_collator": "preftune's engine lays out the batch itself (shared prompt, packing)",
+    "preprocess_logits_for_metrics": "the engine never materialises [B, T, V] logits",
+    "compute_metrics": "the engine never materialises logits; the metrics are TRL's rewards/logps set",
+    "model_init": "pass the model (a name/path or a loaded model)",
+    "optimizer_cls_and_kwargs": "pass optimizers=(optimizer, scheduler) or the config's optim field",
+    "quantization_config": "for QLoRA use `preftune train --load_in_4bit` (4-bit NF4 through bitsandbytes)",
+}
+
+MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+# LoraConfig fields honoured (-> PeftArguments) and fields without effect on training
+_LORA_HONOURED = ("r", "lora_alpha", "lora_dropout", "target_modules")
+_LORA_NO_EFFECT = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                   "inference_mode", "runtime_config")
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes): the reference-cache key of
+    a model passed as an object, whose weights may differ from any file."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Set ``p = 0`` on every ``nn.Dropout`` in ``module`` (the model's and LoRA's), as TRL's ``disable_dropout``."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def training_fields(args) -> dict[str, Any]:
+    """The ``transformers.TrainingArguments`` fields of ``args`` as keywords (the deprecated
+    ``gradient_checkpointing*`` aliases left out: they mirror ``activation_checkpointing*``)."""
+    from transformers import TrainingArguments
+
+    skip = {"gradient_checkpointing", "gradient_checkpointing_kwargs", "remove_unused_columns"}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments)
+            if f.init and not f.name.startswith("_") and f.name not in skip}
+
+
+def resolve_model(model: Any, args: Any, *, reward: bool, where: str):
+    """``(model, ModelArguments)`` from a trainer's ``model``: a name/path is loaded (with
+    ``args.model_init_kwargs``: dtype / torch_dtype, attn_implementation, trust_remote_code) as a
+    causal LM, or for a reward model as a sequence classifier with one label; a loaded model is
+    described (its ``name_or_path``, dtype and attention kernel) and used as it is.
+
+    Raises :class:`ConfigError` for other ``model_init_kwargs`` keys, ``model_init_kwargs`` with a
+    loaded model, or (reward) a loaded model that is not a one-label sequence classifier.
+    """
+    from preftune.models import load_model
+
+    init = dict(args.model_init_kwargs or {})
+    if isinstance(model, str):
+        unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: model_init_kwargs {unknown} not supported; use {', '.join(MODEL_INIT_KEYS)}")
+        dtype = str(init.get("dtype", init.get("torch_dtype", "float32"))).replace("torch.", "")
+        model_args = ModelArguments(model_name_or_path=model, dtype=dtype,
+                                    attn_implementation=init.get("attn_implementation", "sdpa"),
+                                    trust_remote_code=bool(init.get("trust_remote_code", args.trust_remote_code)))
+        return load_model(model_args, training=True, reward_model=reward), model_args
+    if init:
+        raise ConfigError(f"{where}: model_init_kwargs given but the model is already loaded")
+    if reward and getattr(getattr(model, "config", None), "num_labels", None) != 1:
+        raise ConfigError(f"{where}: a reward model needs a sequence classifier with one label "
+                          "(AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)), or its name")
+    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    model_args = ModelArguments(model_name_or_path=path or None,
+                                dtype=str(getattr(model, "dtype", "float32")).replace("torch.", ""),
+                                attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa")
+    model.config.use_cache = False
+    return model, model_args
+
+
+def ready_tokenizer(tokenizer: Any, model_args: ModelArguments, where: str):
+    """The given tokenizer (pad token = eos when missing, logged) or the model's, loaded from its path."""
+    from preftune.models import load_tokenizer
+
+    if tokenizer is None:
+        if not model_args.model_name_or_path:
+            raise ConfigError(f"{where}: no processing_class and the model has no name_or_path to load one from")
+        return load_tokenizer(model_args)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{where}: the tokenizer has neither a pad nor an eos token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token; using the eos token %r", tokenizer.eos_token)
+    return tokenizer
+
+
+def _targets(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else sorted(value)
+
+
+def lora_to_peft_args(peft_config: Any, model: torch.nn.Module, *, reward: bool = False) -> PeftArguments:
+    """A peft ``LoraConfig`` as :class:`PeftArguments` (r, lora_alpha, lora_dropout, target_modules;
+    ``target_modules=None`` becomes peft's default for the model type, e.g. ``q_proj, v_proj`` for Llama).
+
+    Raises :class:`ConfigError` for another peft config type, a task type other than ``CAUSAL_LM``
+    (``SEQ_CLS`` for a reward model), a regex ``target_modules`` string, or any other LoRA option set
+    away from peft's default (DoRA, rsLoRA, ``bias``, ``modules_to_save`` other than a reward model's
+    ``["score"]`` ...): preftune's LoRA does not apply those.
+    """
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    if not isinstance(peft_config, LoraConfig):
+        raise ConfigError(f"peft_config: only peft.LoraConfig is supported, got {type(peft_config).__name__}")
+    task = getattr(peft_config.task_type, "value", peft_config.task_type)
+    wanted = "SEQ_CLS" if reward else "CAUSAL_LM"
+    if task not in (None, wanted):
+        raise ConfigError(f"peft_config: task_type {task!r}; this trainer needs {wanted}")
+    default = LoraConfig()
+    odd = []
+    for key in vars(default):
+        value = getattr(peft_config, key)
+        if key in _LORA_HONOURED + _LORA_NO_EFFECT or value == getattr(default, key):
+            continue
+        if reward and key == "modules_to_save" and list(value) == ["score"]:
+            continue  # preftune trains the reward head fully anyway
+        odd.append(f"{key}={value!r}")
+    if odd:
+        raise ConfigError(f"peft_config: {', '.join(odd)} not supported by preftune's LoRA (it honours "
+                          f"{', '.join(_LORA_HONOURED)})")
+    targets = peft_config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ConfigError(f"peft_config: no target_modules and peft has no default for model type "
+                              f"{model_type!r}; give target_modules")
+        targets = list(DEFAULT_TARGETS[model_type])
+    elif isinstance(targets, str) and targets != "all-linear":
+        raise ConfigError(f"peft_config: target_modules {targets!r}: a regex is not supported; give a list "
+                          "of module names or 'all-linear'")
+    return PeftArguments(use_peft=True, lora_r=peft_config.r, lora_alpha=peft_config.lora_alpha,
+                         lora_dropout=peft_config.lora_dropout, lora_target_modules=_targets(targets))
+
+
+def peft_args_of(peft_model: Any) -> PeftArguments:
+    """:class:`PeftArguments` describing the active adapter of a ``PeftModel`` passed to a trainer."""
+    cfg = peft_model.peft_config[peft_model.active_adapter]
+    return PeftArguments(use_peft=True, lora_r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                         lora_target_modules=_targets(cfg.target_modules))
