@@ -76,6 +76,8 @@ class _TRLConfig(PreftuneTrainingArguments):
     chat_style: bool = field(default=False, metadata=_help("MT triplet data: wrap prompts in the chat template."))
     # loss
     beta: float = field(default=0.1, metadata=_help("Temperature (ORPO: lambda)."))
+    router_aux_loss_coef: Optional[float] = field(
+        default=None, metadata=_help("MoE router load-balancing loss weight; default: the model config's."))
     # TRL features preftune does not implement: accepted only at their defaults
     generate_during_eval: bool = field(default=False, metadata=_help("Not supported (must stay False)."))
     is_encoder_decoder: Optional[bool] = field(default=None, metadata=_help("Not supported (decoder-only models)."))
@@ -118,7 +120,7 @@ class _TRLConfig(PreftuneTrainingArguments):
         name = type(self).__name__
         try:
             groups = [DataArguments(**self._pick(DataArguments, skip=("dataset", "eval_file", "eval_ratio"))),
-                      LossArguments(**self.loss_fields()),
+                      LossArguments(**{**self._pick(LossArguments), **self.loss_fields()}),
                       EngineArguments(**self._pick(EngineArguments))]
         except ConfigError as err:
             raise ConfigError(f"{name}: {err}") from None
@@ -198,7 +200,7 @@ class DPOConfig(_TRLConfig):
     _trainer_name: ClassVar[str] = "DPO"
     _unsupported: ClassVar[dict[str, Any]] = {
         **_TRLConfig._unsupported, "ld_alpha": None, "f_divergence_type": "reverse_kl", "use_weighting": False,
-        "sync_ref_model": False, "activation_offloading": False, "router_aux_loss_coef": None, "pad_token": None}
+        "sync_ref_model": False, "activation_offloading": False, "pad_token": None}
 
     truncation_mode: str = field(default="keep_start", metadata=_help("Prompt truncation: keep_start or keep_end."))
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
@@ -221,7 +223,6 @@ class DPOConfig(_TRLConfig):
     sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO; not supported."))
     ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO; unused."))
     ref_model_sync_steps: int = field(default=512, metadata=_help("TR-DPO; unused."))
-    router_aux_loss_coef: Optional[float] = field(default=None, metadata=_help("MoE router loss weight."))
     pad_token: Optional[str] = field(default=None, metadata=_help("Deprecated in TRL; set tokenizer.pad_token."))
 
     def __post_init__(self) -> None:
