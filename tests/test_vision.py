@@ -265,3 +265,120 @@ def test_example_file_is_valid():
     for row in rows:
         for path in row["images"] + row.get("rejected_images", []):
             open_image(os.path.join(folder, path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, LoRA, CLI end to end
+# ---------------------------------------------------------------------------------------------
+
+EXAMPLES = __import__("pathlib").Path(__file__).parent.parent / "examples" / "vlm"
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    """A tiny LLaVA saved as a model directory (config, safetensors, processor, chat template)."""
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = V.tiny_vlm("llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def _flags(model_dir, out, dataset, *extra):
+    return ["--model_name_or_path", model_dir, "--dataset", str(dataset), "--output_dir", str(out), "--use_peft",
+            "--lora_r", "4", "--lora_alpha", "8", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--learning_rate", "5e-2", "--save_strategy", "no", "--report_to", "none", "--seed", "1",
+            "--dataloader_num_workers", "0", *extra]
+
+
+def test_loading_and_lora_targets_language_model_only(llava_dir):
+    from preftune.config import ModelArguments, PeftArguments
+    from preftune.models import load_model_and_tokenizer
+
+    model, processor = load_model_and_tokenizer(ModelArguments(model_name_or_path=llava_dir),
+                                                PeftArguments(use_peft=True, lora_target_modules=["ALL"]))
+    assert type(processor).__name__ == "LlavaProcessor" and processor.tokenizer.pad_token is not None
+    targets = model.peft_config["default"].target_modules
+    assert targets and all(t.startswith("model.language_model.") for t in targets)
+    assert any(t.endswith("mlp.down_proj") for t in targets)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    # --freeze_vision_tower false: the vision tower's linear layers get LoRA too
+    model, _ = load_model_and_tokenizer(ModelArguments(model_name_or_path=llava_dir, freeze_vision_tower=False),
+                                        PeftArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj"]))
+    targets = model.peft_config["default"].target_modules
+    assert {t.split(".")[1] for t in targets} == {"language_model", "vision_tower"}
+    assert all(t.endswith(("q_proj", "v_proj")) for t in targets)
+    # full fine-tuning: vision tower frozen by default, language model trained
+    model, _ = load_model_and_tokenizer(ModelArguments(model_name_or_path=llava_dir), PeftArguments())
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not any(v for n, v in grads.items() if "vision_tower" in n or "projector" in n)
+    assert all(v for n, v in grads.items() if "language_model" in n)
+
+
+def test_cli_swift_file_with_images_dpo_adapter_saved_and_reloaded(llava_dir, tmp_path, capsys):
+    from preftune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *_flags(llava_dir, out, EXAMPLES / "swift_dpo.jsonl", "--loss", "dpo", "--max_steps", "4")]) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "processor_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    report = (out / "data_report.txt").read_text()
+    assert "format swift3" in report and "6 images" in report
+    history = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(history) == 4 and history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # reloaded adapter (preftune evaluate): policy != reference, margins moved the trained way
+    base_json, tuned_json = tmp_path / "base.json", tmp_path / "tuned.json"
+    common = ["evaluate", "--model", llava_dir, "--dataset", str(EXAMPLES / "swift_dpo.jsonl"), "--loss", "dpo"]
+    assert main([*common, "--output_json", str(base_json)]) == 0
+    assert main([*common, "--adapter", str(out), "--output_json", str(tuned_json)]) == 0
+    base, tuned = json.loads(base_json.read_text()), json.loads(tuned_json.read_text())
+    assert base["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and tuned["rewards/margins"] > 0.1
+    assert tuned["num_pairs"] == 4
+    # generate with images: base and adapter answers for each prompt
+    capsys.readouterr()
+    assert main(["generate", "--model", llava_dir, "--adapter", str(out), "--dataset",
+                 str(EXAMPLES / "swift_dpo.jsonl"), "--num_prompts", "2", "--max_new_tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("**adapter**") == 2 and "<image>" in printed
+
+
+def test_cli_sharegpt_file_with_image_tags_cpo(llava_dir, tmp_path):
+    from preftune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *_flags(llava_dir, out, EXAMPLES / "sharegpt_dpo.json", "--loss", "cpo", "--max_steps", "2",
+                                  "--lora_target_modules", "DEFAULT")]) == 0
+    history = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(history) == 2 and history[0]["loss"] != history[1]["loss"]
+    assert "format sharegpt" in (out / "data_report.txt").read_text()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] and all(".language_model." in f".{t}" for t in config["target_modules"])
+
+
+def test_cli_bad_image_inputs(llava_dir, tiny_model_dir, tmp_path, capsys):
+    from preftune.cli import main
+
+    rows = [json.loads(line) for line in (EXAMPLES / "swift_dpo.jsonl").read_text().splitlines() if line.strip()]
+    for name in ("red_square.png", "blue_circle.png"):
+        (tmp_path / name).write_bytes((EXAMPLES / name).read_bytes())
+
+    def write(name, records):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    cases = [
+        # images with a text-only model
+        (tiny_model_dir, write("ok.jsonl", rows), "line 1, field 'images'", "text-only"),
+        # a missing image
+        (llava_dir, write("missing.jsonl", rows[:1] + [dict(rows[1], images=["gone.png"])]), "line 2", "gone.png"),
+        # two tags, one image
+        (llava_dir, write("count.jsonl", [dict(rows[0], images=["red_square.png"])]), "line 1, field 'images'",
+         "1 images but 2 <image> tags"),
+    ]
+    for model_dir, dataset, where_text, message in cases:
+        capsys.readouterr()
+        assert main(["train", *_flags(model_dir, tmp_path / "out", dataset, "--max_steps", "1")]) == 2
+        err = capsys.readouterr().err
+        assert str(dataset) in err and where_text in err and message in err, err

@@ -36,12 +36,18 @@ def generate_side_by_side(model, tokenizer, records: list[dict], *, max_new_toke
     model (then only ``"model"`` is filled). Returns dicts with ``prompt``, ``base``, ``adapter``
     (or ``model``), ``chosen``, ``rejected`` (strings; missing fields are None).
     """
+    from preftune.data.vision import is_processor, prompt_inputs, text_tokenizer
+
     model.eval()
     has_adapter = hasattr(model, "disable_adapter")
+    processor, tokenizer = tokenizer, text_tokenizer(tokenizer)  # a VLM's processor renders images too
     out = []
     for rec in records:
-        text = _prompt_text(tokenizer, rec["prompt"])
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=not isinstance(rec["prompt"], list))
+        if is_processor(processor):  # prompt with its images (data/vision.py), pixel tensors in enc
+            text, enc = prompt_inputs(processor, rec)
+        else:
+            text = _prompt_text(tokenizer, rec["prompt"])
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=not isinstance(rec["prompt"], list))
         enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id}
         if do_sample:

@@ -138,7 +138,8 @@ def trainer_kwargs(groups: tuple, model, tokenizer, data, ref_ctx=None, ref_mode
     _, _, _, loss_args, engine_args, training_args = groups
     return dict(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
                 processing_class=tokenizer, loss_args=loss_args, engine_args=engine_args,
-                reference_context=ref_ctx, ref_model=ref_model, pad_token_id=tokenizer.pad_token_id or 0)
+                reference_context=ref_ctx, ref_model=ref_model,
+                pad_token_id=getattr(tokenizer, "tokenizer", tokenizer).pad_token_id or 0)  # a processor's tokenizer
 
 
 def _mixed_precision(model, training_args):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from preftune.types import TokenizedPair
@@ -69,11 +69,12 @@ class TokenizeStats:
     @classmethod
     def combine(cls, parts: list[TokenizeStats]) -> TokenizeStats:
         """The sum of several files' counts."""
-        out = cls()
+        out = (type(parts[0]) if parts else cls)()  # a subclass (data/vision.py) keeps its own counts
         for part in parts:
-            for name in ("records", "kept", "prompts_truncated", "completions_truncated", "boundary_mismatches",
-                         "identical"):
-                setattr(out, name, getattr(out, name) + getattr(part, name))
+            for f in fields(out):
+                value = getattr(part, f.name, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    setattr(out, f.name, getattr(out, f.name) + value)
             out.dropped.update(part.dropped)
         return out
 
@@ -231,6 +232,10 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     images (file, record, field ``images``).
     """
     locations = locations or [f"record {i}" for i in range(1, len(records) + 1)]
+    from .vision import is_processor, tokenize_image_records
+
+    if is_processor(tokenizer):  # a vision–language processor: images expanded into their tokens (data/vision.py)
+        return tokenize_image_records(records, tokenizer, data_args, locations=locations, source=source)
     for record, location in zip(records, locations):
         _check_no_images(record, tokenizer, location, source)
     margins = [_margin(record, location, source) for record, location in zip(records, locations)]

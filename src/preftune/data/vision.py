@@ -39,7 +39,7 @@ from typing import Any, Optional
 from preftune.types import PairImages, TokenizedPair
 
 from .errors import DataError, where
-from .tokenize import DROP_PROMPT_FILLS, TokenizeStats, truncate_pair
+from .tokenize import DROP_PROMPT_FILLS, TokenizeStats, _margin, truncate_pair
 
 IMAGE_TAG = "<image>"
 URL_PREFIXES = ("http://", "https://", "data:")
@@ -256,7 +256,7 @@ def tokenize_image_records(records: list[dict], processor: Any, data_args: Any, 
     loaders = {special: ImageLoader(processor, special) for special in (True, False)}
     stats = VisionTokenizeStats(records=len(records))
     pairs: list[TokenizedPair] = []
-    for record, location in zip(records, locations):
+    for index, (record, location) in enumerate(zip(records, locations)):
         images = list(record.get("images") or [])
         rejected_images = record.get("rejected_images")
         for name, paths in (("images", images), ("rejected_images", rejected_images or [])):
@@ -286,7 +286,8 @@ def tokenize_image_records(records: list[dict], processor: Any, data_args: Any, 
             stats.dropped[drop if not (images and drop == DROP_PROMPT_FILLS) else "prompt with images fills max_length"] += 1
             continue
         stats.identical += chosen == rejected
-        pair = TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected)
+        pair = TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
+                             margin=_margin(record, location, source), location=where(source, location))
         if images:
             pair.images = PairImages(paths=images, prompt_text=prompt_text, image_token_id=int(image_id),
                                      loader=loader, digest=images_digest(images + list(rejected_images or [])))
@@ -298,11 +299,28 @@ def tokenize_image_records(records: list[dict], processor: Any, data_args: Any, 
                     if data_args.max_length is not None and len(rejected_prompt) + len(rejected) > data_args.max_length:
                         stats.dropped["prompt with images fills max_length"] += 1
                         continue
-        if "margin" in record and hasattr(pair, "margin"):
-            pair.margin = record["margin"]
+        stats.kept_index.append(index)
         pairs.append(pair)
     stats.kept = len(pairs)
     return pairs, stats
+
+
+def prompt_inputs(processor: Any, record: dict, *, source: str = "data", location: str = "record") -> tuple[str, dict]:
+    """The rendered prompt of a normalised record and the processor's model inputs for it
+    (``input_ids`` ``(1, P)``, ``attention_mask``, pixel tensors ...), for generation.
+
+    Same placement rules and errors as :func:`tokenize_image_records`."""
+    images = list(record.get("images") or [])
+    for i, path in enumerate(images):
+        open_image(path, source=source, location=location, label=f"images[{i}]")
+    filler = record.get("chosen") if record.get("chosen") is not None else \
+        ("" if isinstance(record["prompt"], str) else [{"role": "assistant", "content": "."}])
+    full = dict(record, chosen=filler, rejected=filler)
+    text, _, special = _Renderer(processor, source).render(full, location, images)
+    if images:
+        return text, processor(text=[text], images=[[open_image(p) for p in images]], return_tensors="pt",
+                               add_special_tokens=special)
+    return text, text_tokenizer(processor)(text, return_tensors="pt", add_special_tokens=special)
 
 
 def _end(ids: list[int], eos: int) -> list[int]:
@@ -310,4 +328,4 @@ def _end(ids: list[int], eos: int) -> list[int]:
 
 
 __all__ = ["IMAGE_TAG", "ImageLoader", "VisionTokenizeStats", "image_placeholder", "images_digest", "is_processor",
-           "open_image", "text_tokenizer", "tokenize_image_records"]
+           "open_image", "prompt_inputs", "text_tokenizer", "tokenize_image_records"]
