@@ -213,6 +213,10 @@ class LossArguments:
     center_rewards_coefficient: Optional[float] = field(
         default=None, metadata={"help": "rm: weight of the reward-centering term mean((r_c + r_r)^2) "
                                 "(Eisenstein et al. 2023), as in TRL's RewardConfig. Default: none."})
+    router_aux_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "Mixture-of-experts models: weight of the router load-balancing loss added "
+                                "to every loss (logged as aux_loss). Default: the model config's router_aux_loss_coef "
+                                "when its output_router_logits is true; 0 turns it off."})
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, LOSS_NAMES)
@@ -232,6 +236,9 @@ class LossArguments:
             raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.cpo_alpha < 0 or (self.rpo_alpha is not None and self.rpo_alpha < 0):
             raise ConfigError("--cpo_alpha and --rpo_alpha must be >= 0")
+        c = self.router_aux_loss_coef
+        if c is not None and not (c >= 0 and c != float("inf")):
+            raise ConfigError(f"--router_aux_loss_coef must be a finite number >= 0, got {c}")
 
     def _check_reward_model(self) -> None:
         """--loss rm: no temperature, no label smoothing; a finite coefficient >= 0 for centering."""

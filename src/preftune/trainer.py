@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from preftune.config import EngineArguments, LossArguments, resolve_reference_options
+from preftune.config import ConfigError, EngineArguments, LossArguments, resolve_reference_options
 from preftune.engine.layout import collate_pairs
 from preftune.engine.logprobs import sequence_logps
 from preftune.engine.rewards import sequence_rewards
@@ -102,6 +102,12 @@ class PreferenceTrainer(Trainer):
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.logical_tokens_seen = 0
 
+        from preftune.engine.kinds.moe import configure_router_aux
+
+        try:  # --router_aux_loss_coef: recorded on the model (None: its config decides)
+            configure_router_aux(self.model, getattr(loss_args, "router_aux_loss_coef", None))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     # ---- sampling -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -144,7 +150,14 @@ class PreferenceTrainer(Trainer):
         if self.loss_args.needs_reference and logps.ref_chosen_logps is None:
             logps.ref_chosen_logps, logps.ref_rejected_logps = self._reference_logps(model, batch)
         out = loss_from_table(logps, self.loss_args)
-        return out.losses.mean(), preference_metrics(logps, out)
+        loss, metrics = out.losses.mean(), preference_metrics(logps, out)
+        aux = logps.extra_losses.get("aux_loss")
+        if aux is not None:  # mixture of experts: + coef * router load balancing (engine/kinds/moe.py), as TRL
+            from preftune.engine.kinds.moe import router_aux_coef
+
+            loss = loss + router_aux_coef(model) * aux.to(loss.dtype)
+            metrics["aux_loss"] = aux.detach().float()
+        return loss, metrics
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self.batch_loss_and_metrics(model, inputs)

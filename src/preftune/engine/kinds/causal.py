@@ -1,7 +1,8 @@
 """Decoder-only causal LMs: the decoder over the packed rows, then the LM head.
 
-The default kind. Any mixture-of-experts router auxiliary loss is reported in ``extras`` by the
-MoE support (:mod:`preftune.engine.kinds.moe` when present); plain models return no extras.
+The default kind. A mixture-of-experts decoder with router logits enabled also returns the router
+load-balancing loss in ``extras`` (``{"aux_loss": ...}``, :mod:`preftune.engine.kinds.moe`); plain
+models return no extras.
 """
 
 from __future__ import annotations
@@ -60,11 +61,17 @@ class CausalKind:
 
     def hidden_at_targets(self, model: nn.Module, batch: dict[str, torch.Tensor]
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from preftune.engine.kinds.moe import router_aux_enabled, router_aux_loss
+
         decoder, _ = get_decoder_and_head(model)
         kwargs = attention_inputs(model, batch)
-        hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        moe = router_aux_enabled(model)
+        if moe:  # mixture of experts: the router logits give the load-balancing loss (kinds/moe.py)
+            kwargs["output_router_logits"] = True
+        outputs = decoder(input_ids=batch["input_ids"], use_cache=False, **kwargs)
+        hidden = outputs.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
-        return flat, {}
+        return flat, ({"aux_loss": router_aux_loss(model, outputs, batch)} if moe else {})
 
     def head(self, model: nn.Module) -> nn.Module:
         return get_decoder_and_head(model)[1]
