@@ -29,6 +29,16 @@ LOCATION = re.compile(r"^(line|record) \d+$")
 ERROR_PREFIX = "preftune train: error: "
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No Hub traffic in-process (HF_HUB_OFFLINE is read at import time, so the constants are set):
+    a lookup of a Hub id fails at once instead of waiting for the network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
 @pytest.fixture(scope="session")
 def bad_models(tiny_model_dir, tmp_path_factory):
     """Model directories that must be refused, built from the tiny test model."""
