@@ -203,6 +203,33 @@ def test_older_keywords_log_todays_spelling_and_take_effect(model_dir, tmp_path,
     assert runs["oldest"] == pytest.approx(runs["today"], abs=1e-6)
 
 
+def test_dpo_full_fine_tuning_reference_paths_agree(model_dir, tmp_path, caplog):
+    """ref_model=None (precomputed from the model as passed, keyed by its weights), a ref_model given (live)
+    and ref_model=None without precompute (a frozen copy, live) give one trajectory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.trl import DPOConfig, DPOTrainer
+
+    runs = {}
+    for name, given_ref, precompute in (("pre", False, True), ("given", True, False), ("copy", False, False)):
+        args = DPOConfig(str(tmp_path / name), learning_rate=1e-3, max_steps=2, per_device_train_batch_size=4,
+                         logging_steps=1, save_strategy="no", report_to="none", precompute_ref_log_probs=precompute)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="preftune.engine"):
+            ref = AutoModelForCausalLM.from_pretrained(model_dir) if given_ref else None
+            tok = None if given_ref else AutoTokenizer.from_pretrained(model_dir)  # None: loaded from the model's path
+            trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(model_dir), ref, args=args,
+                                 train_dataset=standard(8), processing_class=tok)
+        precomputed = [r for r in caplog.records if "reference log-probs for" in r.getMessage()]
+        assert len(precomputed) == int(precompute)
+        assert (trainer.ref_model is not None) == (not precompute)
+        trainer.train()
+        runs[name] = [h["rewards/margins"] for h in trainer.state.log_history if "loss" in h]
+    assert runs["pre"][0] == pytest.approx(0.0, abs=1e-6) and runs["pre"][1] != 0.0
+    assert runs["given"] == pytest.approx(runs["pre"], abs=1e-5)
+    assert runs["copy"] == pytest.approx(runs["pre"], abs=1e-5)
+
+
 def test_unknown_trainer_keyword_is_a_type_error_with_a_hint(model_dir):
     from preftune.trl import DPOTrainer
 
