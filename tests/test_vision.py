@@ -88,7 +88,7 @@ def _grads(model):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("family", V.FAMILIES)
+@pytest.mark.parametrize("family", V.ALL_FAMILIES)
 def test_layouts_match_naive_logps_and_grads(family, images):
     model, processor = V.tiny_vlm(family)
     pairs, stats = tokenize(processor, records(images))
@@ -130,12 +130,13 @@ def test_eager_attention_and_frozen_vision_tower(images):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", V.FAMILIES)
+@pytest.mark.parametrize("family", V.ALL_FAMILIES)
 def test_vision_encoder_runs_once_per_image(family, images):
     """Every layout: one vision-encoder call per batch, each image through it once (not per branch)."""
     model, processor = V.tiny_vlm(family)
     pairs, _ = tokenize(processor, records(images))
-    tower = {"llava": "vision_tower", "qwen2_vl": "visual", "idefics3": "vision_model"}[family]
+    tower = {"llava": "vision_tower", "llava_next": "vision_tower", "qwen2_vl": "visual", "qwen2_5_vl": "visual",
+             "idefics3": "vision_model", "smolvlm": "vision_model"}[family]
     calls = []
     getattr(model.model, tower).register_forward_hook(lambda m, a, k, o: calls.append(a[0].shape[0] if a else
                                                                                       k["pixel_values"].shape[0]),
@@ -145,7 +146,7 @@ def test_vision_encoder_runs_once_per_image(family, images):
         with torch.no_grad():
             sequence_logps(model, layout(pairs, share_prompt, padding_free))
         assert len(calls) == 1
-        if family != "qwen2_vl":  # Qwen2-VL's tower takes patches, not images
+        if family in ("llava", "idefics3", "smolvlm"):  # the others' towers take patches / tiles, not images
             assert calls[0] == 4  # 4 images in the batch (2 + 1 + 0 + 1), each encoded once
 
 

@@ -1,7 +1,8 @@
 """Tiny random vision–language models and processors built from configs (no downloads), and small images.
 
 Families: LLaVA (CLIP vision tower + Llama), Qwen2-VL (its own vision transformer + M-RoPE text model),
-Idefics3 (SigLIP-style vision model + pixel-shuffle connector + Llama). Each processor is the real
+Idefics3 (SigLIP-style vision model + pixel-shuffle connector + Llama); also LLaVA-NeXT (any-resolution
+tiles), Qwen2.5-VL (windowed vision attention) and SmolVLM (fed by the Idefics3 processor). Each processor is the real
 transformers processor class over the byte tokenizer of ``conftest.py`` with the family's image
 tokens added, a small image size and a chat template that writes each image part as the family's
 placeholder. Also used by ``benchmarks/bench_vlm.py``.
@@ -134,7 +135,81 @@ def tiny_idefics3(seed: int = 0, attn: str = "sdpa"):
     return model.eval(), processor
 
 
-BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3}
+def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
+    """LLaVA-NeXT: CLIP vision at 16 px, patch 8, any-resolution grid [[16, 16], [16, 32], [32, 16]]: an
+    image becomes a base tile plus its grid tiles, with one newline token per row (image_newline)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = _tokenizer(["<image>"])
+    grid = [[16, 16], [16, 32], [32, 16]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                 image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=_template("<image>"))
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8, projection_dim=16),
+        text_config=LlamaConfig(**_text_config(tok)), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grid, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaNextForConditionalGeneration(config).float()
+    model.set_attn_implementation(attn)
+    return model.eval(), processor
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn: str = "sdpa"):
+    """Qwen2.5-VL: as :func:`tiny_qwen2_vl` (its image processor and M-RoPE), windowed vision attention."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = _tokenizer(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"])
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=32 * 32, patch_size=4, merge_size=2,
+                                               temporal_patch_size=2)
+    processor = qwen2_vl_processor(tok, image_processor, _template("<|vision_start|><|image_pad|><|vision_end|>"))
+    ids = tok.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(tok, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                       "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    model = Qwen2_5_VLForConditionalGeneration(config).float()
+    model.set_attn_implementation(attn)
+    return model.eval(), processor
+
+
+def tiny_smolvlm(seed: int = 0, attn: str = "sdpa"):
+    """SmolVLM (the Idefics3 architecture under its own classes), fed by :func:`tiny_idefics3`'s processor:
+    SmolVLMProcessor needs the num2words package and a video processor (torchvision), not installed here."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    _, processor = tiny_idefics3(seed=seed, attn=attn)
+    tok = processor.tokenizer
+    torch.manual_seed(seed)
+    config = SmolVLMConfig(
+        text_config=dict(model_type="llama", **_text_config(tok)),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = SmolVLMForConditionalGeneration(config).float()
+    model.set_attn_implementation(attn)
+    return model.eval(), processor
+
+
+BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3,
+            "llava_next": tiny_llava_next, "qwen2_5_vl": tiny_qwen2_5_vl, "smolvlm": tiny_smolvlm}
+ALL_FAMILIES = FAMILIES + ("llava_next", "qwen2_5_vl", "smolvlm")
 
 
 def tiny_vlm(family: str, seed: int = 0, attn: str = "sdpa"):
