@@ -91,6 +91,8 @@ class _TRLTrainer(PreferenceTrainer):
             peft_args = support.peft_args_of(model)
         elif peft_config is not None:
             peft_args = support.lora_to_peft_args(peft_config, model, reward=reward)
+            if args.disable_dropout:
+                peft_args.lora_dropout = 0.0  # TRL zeroes LoRA's dropout too; the YAML then says what ran
             model = apply_peft(model, peft_args, reward_head=reward)
         else:
             peft_args = PeftArguments()
@@ -98,7 +100,7 @@ class _TRLTrainer(PreferenceTrainer):
             prepare_for_gradient_checkpointing(model)
         if args.disable_dropout:
             support.disable_dropout(model)
-            peft_args.lora_dropout = 0.0  # what ran, for preftune_config.yaml
+            peft_args.lora_dropout = 0.0
 
         groups = args.preftune_groups(model_args, peft_args)
         resolve_reference_options(groups[3], groups[4], has_ref_model=ref_model is not None)

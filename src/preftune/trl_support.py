@@ -52,10 +52,13 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 
 def disable_dropout(module: torch.nn.Module) -> None:
-    """Set ``p = 0`` on every ``nn.Dropout`` in ``module`` (the model's and LoRA's), as TRL's ``disable_dropout``."""
+    """Set ``p = 0`` on every ``nn.Dropout`` in ``module`` (the model's and LoRA's), as TRL's
+    ``disable_dropout``; also on preftune's fused LoRA dropout (``DropoutLinear.dropout_p``)."""
     for m in module.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if hasattr(m, "dropout_p"):
+            m.dropout_p = 0.0
 
 
 def training_fields(args) -> dict[str, Any]:
