@@ -84,20 +84,27 @@ class PeftArguments:
         default=None,
         metadata={"help": "Continue training this existing adapter (directory). Implies --use_peft; the "
                   "DPO reference is the adapter's starting state."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights (needs bitsandbytes and a GPU)."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes; not implemented yet)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights (bitsandbytes, CPU or CUDA; "
+                                                             "pip install 'preftune[qlora]'). Implies --use_peft."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit (LLM.int8()) base weights (bitsandbytes, CPU or "
+                                                             "CUDA). Implies --use_peft."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "--load_in_4bit data type: nf4 or fp4."})
+    use_bnb_nested_quant: bool = field(
+        default=True, metadata={"help": "--load_in_4bit: double quantisation (the block scales quantised too)."})
+    bnb_4bit_compute_dtype: str = field(
+        default="auto", metadata={"help": "--load_in_4bit matmul dtype: auto (bfloat16 / float16 on a GPU, float32 on "
+                                  "CPU), float32, bfloat16, float16."})
     lora_adapter_dir: Optional[str] = field(
         default=None, metadata={"help": "Also write the trained adapter to this directory at the end (as ORPO "
                                 "scripts' --lora_adapter_dir); the adapter is always written to --output_dir."})
 
     def __post_init__(self) -> None:
-        if self.load_in_8bit:
-            if self.load_in_4bit:
-                raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
-            raise ConfigError("--load_in_8bit: 8-bit base weights are not implemented yet; use --load_in_4bit "
-                              "(QLoRA, CUDA + bitsandbytes) or full-precision weights")
-        if self.peft_model_id or self.load_in_4bit:
-            self.use_peft = True
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
+        _check_choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _check_choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.peft_model_id or self.load_in_4bit or self.load_in_8bit:
+            self.use_peft = True  # quantised weights cannot be trained: LoRA on top (QLoRA)
         if self.lora_adapter_dir and not self.use_peft:
             raise ConfigError("--lora_adapter_dir writes the trained LoRA adapter, so it needs --use_peft true")
         if self.lora_r <= 0:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from preftune.config import EngineArguments, LossArguments
-from preftune.engine.layout import collate_pairs
+from preftune.engine.layout_seq2seq import collate_for
 from preftune.engine.logprobs import sequence_logps
 from preftune.losses import compute_loss
 from preftune.types import TokenizedPair
@@ -52,6 +52,7 @@ def evaluate_pairs(model, pairs: list[TokenizedPair], loss_args: LossArguments, 
     ``num_pairs``. Pairs need ``ref_*`` filled for the DPO family.
     """
     device = next(model.parameters()).device
+    collate = collate_for(model)  # encoder–decoder models: their own layout
     sums: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -59,8 +60,7 @@ def evaluate_pairs(model, pairs: list[TokenizedPair], loss_args: LossArguments, 
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
-                batch = collate_pairs(chunk, share_prompt=engine_args.share_prompt,
-                                      padding_free=engine_args.padding_free)
+                batch = collate(chunk, share_prompt=engine_args.share_prompt, padding_free=engine_args.padding_free)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logps = sequence_logps(model, batch, engine_args.logprob_chunk_size)
                 out = compute_loss(logps, loss_args)

@@ -277,7 +277,9 @@ def _from_pretrained(loader, what: str, model_args: ModelArguments, source: str,
 
 def load_tokenizer(model_args: ModelArguments):
     """Tokenizer of the model (or of ``--tokenizer_name_or_path`` when given); the pad token falls
-    back to the eos token (logged).
+    back to the eos token (logged). An encoder–decoder model's tokenizer is marked
+    (``preftune_encoder_decoder = True``): text is then tokenised with its special tokens
+    (:mod:`preftune.data.tokenize`).
 
     Raises:
         ModelLoadError: the tokenizer has neither a pad nor an eos token.
@@ -296,6 +298,10 @@ def load_tokenizer(model_args: ModelArguments):
             raise ModelLoadError(f"tokenizer of {source} has neither a pad nor an eos token; add a pad token")
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("Tokenizer of %s has no pad token; using the eos token %r", source, tokenizer.eos_token)
+    from .models_arch import is_encoder_decoder_config, source_config
+
+    if is_encoder_decoder_config(source_config(model_args)):  # data/tokenize.py keeps its special tokens
+        tokenizer.preftune_encoder_decoder = True
     return tokenizer
 
 
@@ -305,27 +311,13 @@ def _check_attn_implementation(name: str) -> None:
                              "(`pip install flash-attn`, CUDA only); or use sdpa or eager")
 
 
-def _bnb_4bit_config(compute_dtype):
-    """BitsAndBytes NF4 config for QLoRA (Dettmers et al. 2023, "QLoRA", sec. 3).
-
-    Raises:
-        ModelLoadError: bitsandbytes is missing or no CUDA device is available.
-    """
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError("--load_in_4bit (QLoRA) needs the bitsandbytes package: `pip install bitsandbytes`")
-    if not torch.cuda.is_available():
-        raise ModelLoadError("--load_in_4bit (QLoRA) needs a CUDA GPU, and none is available; drop --load_in_4bit")
-    from transformers import BitsAndBytesConfig
-
-    if compute_dtype in (None, "auto", torch.float32):
-        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-
-
 def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bit: bool = False,
-               reward_model: bool = False):
-    """Load the causal LM named by ``model_args`` (Hub id, directory, .gguf file or the default).
+               reward_model: bool = False, quantization: Optional[PeftArguments] = None):
+    """Load the LM named by ``model_args`` (Hub id, directory, .gguf file or the default).
+
+    The class follows the config (:func:`preftune.models_arch.model_loader`): encoder–decoder models
+    (T5, BART ...) load with ``AutoModelForSeq2SeqLM``, decoder-only ones with
+    ``AutoModelForCausalLM``; an encoder-only model (BERT ...) is refused.
 
     ``reward_model``: load it as ``AutoModelForSequenceClassification`` with ``num_labels=1``
     instead (:func:`reward_model_loading`): the same body with a scalar head ``score``.
@@ -335,38 +327,42 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
             ``model_cache_dir``.
         training: True: ``use_cache`` off (needed by gradient checkpointing). False: eval mode, every
             parameter frozen (for a reference model).
-        load_in_4bit: QLoRA 4-bit NF4 base weights (bitsandbytes, CUDA only).
+        load_in_4bit: QLoRA 4-bit NF4 base weights (bitsandbytes) with the default options.
+        quantization: the ``--load_in_4bit`` / ``--load_in_8bit`` / ``--bnb_4bit_*`` options of these
+            arguments (:mod:`preftune.models_quant`; CPU or CUDA); wins over ``load_in_4bit``.
 
     Returns:
-        A ``PreTrainedModel`` without any quantisation marker (unless ``load_in_4bit``).
+        A ``PreTrainedModel`` without any quantisation marker (unless quantised).
 
     Raises:
-        ModelLoadError: flash-attn missing for flash_attention_2, bitsandbytes/CUDA missing for
-            4-bit, the default model not installed, pickle-only weights without
+        UnsupportedModelError: an encoder-only model, or an encoder–decoder one as a reward model.
+        ModelLoadError: flash-attn missing for flash_attention_2, bitsandbytes missing for
+            4-bit / 8-bit, the default model not installed, pickle-only weights without
             ``allow_pickle_weights`` (:func:`check_weight_files`), or any failure of
             ``from_pretrained`` (missing directory, Hub id unreachable or unknown, custom code
             without ``trust_remote_code``, broken config), with the cause on one line.
     """
-    from transformers import AutoModelForCausalLM
-
+    from .models_arch import model_loader, source_config
+    from .models_quant import quantization_kwargs
     from .models_vision import is_vision_language_source, load_vision_model
 
+    if quantization is None and load_in_4bit:
+        quantization = PeftArguments(load_in_4bit=True)
     if is_vision_language_source(model_args):  # AutoModelForImageTextToText (models_vision.py)
-        return load_vision_model(model_args, training=training, load_in_4bit=load_in_4bit, reward_model=reward_model)
+        if quantization is not None and quantization.load_in_8bit:
+            raise ModelLoadError("--load_in_8bit is not supported for vision–language models; use --load_in_4bit")
+        return load_vision_model(model_args, training=training, reward_model=reward_model,
+                                 load_in_4bit=bool(quantization and quantization.load_in_4bit))
     _check_attn_implementation(model_args.attn_implementation)
     dtype = _TORCH_DTYPES.get(model_args.dtype, model_args.dtype)
-    kwargs = {}
-    if load_in_4bit:
-        kwargs["quantization_config"] = _bnb_4bit_config(dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    kwargs = quantization_kwargs(quantization) if quantization is not None else {}
     source = resolve_model_source(model_args)
     check_weight_files(source, model_args.allow_pickle_weights)
     if not model_args.allow_pickle_weights:
         kwargs["use_safetensors"] = True  # a Hub repo with pickle weights only is refused the same way
-    loader = AutoModelForCausalLM
+    loader = model_loader(source_config(model_args, source), model_args.model_name_or_path or source,
+                          reward_model=reward_model)
     if reward_model:
-        from transformers import AutoModelForSequenceClassification as loader
-
         kwargs["num_labels"] = 1
     with reward_model_loading(reward_model):
         model = _from_pretrained(
@@ -439,7 +435,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, peft_args: Optional[Pef
 
     peft_args = peft_args or PeftArguments()
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, training=training, load_in_4bit=peft_args.load_in_4bit, reward_model=reward_model)
+    model = load_model(model_args, training=training, reward_model=reward_model, quantization=peft_args)
     if reward_model:
         model.config.pad_token_id = tokenizer.pad_token_id
     gen = getattr(model, "generation_config", None)

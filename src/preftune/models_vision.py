@@ -31,7 +31,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import ModelArguments
@@ -142,7 +141,6 @@ def load_vision_model(model_args: ModelArguments, *, training: bool = True, load
 
     from .models import (
         _TORCH_DTYPES,
-        _bnb_4bit_config,
         _check_attn_implementation,
         _from_pretrained,
         check_weight_files,
@@ -156,9 +154,11 @@ def load_vision_model(model_args: ModelArguments, *, training: bool = True, load
     _check_attn_implementation(model_args.attn_implementation)
     dtype = _TORCH_DTYPES.get(model_args.dtype, model_args.dtype)
     kwargs: dict[str, Any] = {}
-    if load_in_4bit:
-        kwargs["quantization_config"] = _bnb_4bit_config(dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if load_in_4bit:  # bitsandbytes NF4 on the current CUDA device, else on the CPU (models_quant)
+        from .config import PeftArguments
+        from .models_quant import quantization_kwargs
+
+        kwargs.update(quantization_kwargs(PeftArguments(load_in_4bit=True)))
     source = resolve_model_source(model_args)
     check_weight_files(source, model_args.allow_pickle_weights)
     if not model_args.allow_pickle_weights:

@@ -46,7 +46,8 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
       (:func:`setup_reference_adapter`).
     * otherwise a fresh adapter: ``r``, ``alpha``, ``dropout``, ``target_modules`` resolved by
       :func:`resolve_target_modules` (``all-linear`` / ``ALL``, ``DEFAULT``, or module names).
-    * 4-bit base weights: ``peft.prepare_model_for_kbit_training`` first (QLoRA, Dettmers et al. 2023).
+    * 4-bit / 8-bit base weights: ``peft.prepare_model_for_kbit_training`` first (QLoRA, Dettmers et al. 2023).
+    * an encoder–decoder model: task ``SEQ_2_SEQ_LM`` (peft's ``PeftModelForSeq2SeqLM``).
     * ``reward_head`` (a reward model, ``--loss rm``): task ``SEQ_CLS``, LoRA on the body only (``all-linear``
       leaves the head out) and the scalar head ``score`` trained fully (``modules_to_save``); a
       continued adapter must be such a reward-model adapter.
@@ -77,23 +78,12 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
         from .models_vision import vision_lora_targets
 
         target_modules = vision_lora_targets(model, target_modules)
+    task_type = "SEQ_CLS" if reward_head else "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) \
+        else "CAUSAL_LM"
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-                        target_modules=target_modules, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
+                        target_modules=target_modules, task_type=task_type,
                         bias="none", modules_to_save=["score"] if reward_head else None)
     return get_peft_model(model, config, adapter_name=TRAIN_ADAPTER)
-
-
-def _check_adapter_task(adapter_dir: str, reward_head: bool) -> None:
-    """A continued adapter must be of the kind being trained (reward model: ``SEQ_CLS``; else not)."""
-    import json
-
-    task = json.loads(Path(adapter_dir, "adapter_config.json").read_text()).get("task_type")
-    if reward_head and task != "SEQ_CLS":
-        raise ModelLoadError(f"--peft_model_id {adapter_dir}: a {task} adapter, not a reward model's (SEQ_CLS); "
-                             "--loss rm continues only reward-model adapters (drop --peft_model_id to start one)")
-    if not reward_head and task == "SEQ_CLS":
-        raise ModelLoadError(f"--peft_model_id {adapter_dir}: a reward model's adapter (SEQ_CLS); continue it "
-                             "with --loss rm")
 
 
 # Output projections of attention blocks (not part of ms-swift's DEFAULT targets, which are the
@@ -130,7 +120,10 @@ def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
     * ``all-linear`` or ``ALL`` (ms-swift): peft's ``"all-linear"``, every linear layer except the
       output head; it cannot be combined with other names;
     * ``DEFAULT`` or ``AUTO`` (ms-swift): the attention's query/key/value projections
-      (:func:`attention_input_projections`), plus any other names given;
+      (:func:`attention_input_projections`), plus any other names given; for an encoder–decoder
+      model (T5, BART ...) the query and value projections of every attention (encoder, decoder,
+      cross-attention: T5 ``q v``, BART ``q_proj v_proj``), peft's and the LoRA paper's choice
+      (:func:`encoder_decoder_default_targets`);
     * anything else: module names, as given (duplicates removed).
 
     Raises:
@@ -146,12 +139,39 @@ def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
     resolved: list[str] = []
     for name in names:
         if name in ("DEFAULT", "AUTO"):
-            found = attention_input_projections(model)
+            encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            found = encoder_decoder_default_targets(model) if encoder_decoder else attention_input_projections(model)
             logger.info("--lora_target_modules %s: the attention projections %s", name, " ".join(found))
             resolved += found
         else:
             resolved.append(name)
     return list(dict.fromkeys(resolved))
+
+
+def encoder_decoder_default_targets(model: nn.Module) -> list[str]:
+    """``DEFAULT`` LoRA targets of an encoder–decoder model: peft's per-architecture list (T5 / mT5
+    ``q v``, BART ``q_proj v_proj``), else the query and value projections among
+    :func:`attention_input_projections` (Hu et al. 2021, "LoRA", Sec. 7.1: W_q and W_v)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    known = PEFT_DEFAULTS.get(getattr(model.config, "model_type", None))
+    if known:
+        return list(known)
+    found = attention_input_projections(model)
+    return [n for n in found if n in ("q", "v", "q_proj", "v_proj")] or found
+
+
+def _check_adapter_task(adapter_dir: str, reward_head: bool) -> None:
+    """A continued adapter must be of the kind being trained (reward model: ``SEQ_CLS``; else not)."""
+    import json
+
+    task = json.loads(Path(adapter_dir, "adapter_config.json").read_text()).get("task_type")
+    if reward_head and task != "SEQ_CLS":
+        raise ModelLoadError(f"--peft_model_id {adapter_dir}: a {task} adapter, not a reward model's (SEQ_CLS); "
+                             "--loss rm continues only reward-model adapters (drop --peft_model_id to start one)")
+    if not reward_head and task == "SEQ_CLS":
+        raise ModelLoadError(f"--peft_model_id {adapter_dir}: a reward model's adapter (SEQ_CLS); continue it "
+                             "with --loss rm")
 
 
 def setup_reference_adapter(model, peft_model_id: str) -> None:

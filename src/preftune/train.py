@@ -55,7 +55,11 @@ def model_identity(model_args: ModelArguments, peft_args: PeftArguments, amp: st
     if adapter and Path(adapter).exists():
         adapter += ";" + ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}"
                                   for p in sorted(Path(adapter).glob("adapter_model.*")))
-    return f"{source}|{stamp}|{adapter}|{model_args.dtype}|{model_args.attn_implementation}|amp={amp}"
+    from preftune.models_quant import quantization_identity
+
+    quant = quantization_identity(peft_args)  # a 4-bit / 8-bit reference gives other log-probs
+    return f"{source}|{stamp}|{adapter}|{model_args.dtype}|{model_args.attn_implementation}|amp={amp}" + \
+        (f"|quant={quant}" if quant else "")
 
 
 def setup(groups: tuple) -> Run:
@@ -75,6 +79,9 @@ def setup(groups: tuple) -> Run:
     model, tokenizer = load_model_and_tokenizer(model_args, peft_args,
                                                 with_reference_adapter=bool(peft_args.peft_model_id) and live_reference,
                                                 reward_model=loss_args.is_reward_model)
+    from preftune.engine.kinds import kind_for
+
+    kind_for(model).head(model)  # an architecture no kind supports: one clear error before any data is tokenised
     if getattr(training_args, "gradient_checkpointing", False) and peft_args.use_peft:
         from preftune.models import prepare_for_gradient_checkpointing
 

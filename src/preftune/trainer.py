@@ -45,16 +45,23 @@ class PairDataset(Dataset):
 
 
 class PairCollator:
-    """Collate :class:`TokenizedPair` items with the engine's layout switches."""
+    """Collate :class:`TokenizedPair` items with the engine's layout switches.
 
-    def __init__(self, engine_args: EngineArguments, pad_token_id: int):
+    ``model``: when given, the layout of its kind (:func:`preftune.engine.layout_seq2seq.collate_for`:
+    encoder and decoder rows for an encoder–decoder model); else :func:`collate_pairs`.
+    """
+
+    def __init__(self, engine_args: EngineArguments, pad_token_id: int, model: Optional[torch.nn.Module] = None):
+        from preftune.engine.layout_seq2seq import collate_for
+
         self.engine_args = engine_args
         self.pad_token_id = pad_token_id
+        self.collate = collate_pairs if model is None else collate_for(model)
 
     def __call__(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         e = self.engine_args
-        return collate_pairs(pairs, share_prompt=e.share_prompt, padding_free=e.padding_free,
-                             max_tokens_per_batch=e.max_tokens_per_batch, pad_token_id=self.pad_token_id)
+        return self.collate(pairs, share_prompt=e.share_prompt, padding_free=e.padding_free,
+                            max_tokens_per_batch=e.max_tokens_per_batch, pad_token_id=self.pad_token_id)
 
 
 def preference_metrics(logps: PolicyLogps, out) -> dict[str, torch.Tensor]:
@@ -90,7 +97,8 @@ class PreferenceTrainer(Trainer):
         for key in ("train_dataset", "eval_dataset"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = PairDataset(kwargs[key])
-        kwargs.setdefault("data_collator", PairCollator(engine_args, pad_token_id))
+        kwargs.setdefault("data_collator", PairCollator(engine_args, pad_token_id,
+                                                        model=kwargs.get("model", args[0] if args else None)))
         # a reward model has no reference policy: ConfigError for a reference model or precompute flag
         resolve_reference_options(loss_args, engine_args,
                                   has_ref_model=ref_model is not None or reference_context is not None)

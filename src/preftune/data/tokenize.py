@@ -11,6 +11,10 @@ The completion tokens are exactly the tokens the model is scored on:
   doubled BOS). When the completion ends with the EOS token followed only by template whitespace
   (SmolLM2 / ChatML: ``"...<|im_end|>\\n"``), the whitespace is cut, so the completion ends with
   exactly one EOS; otherwise EOS is appended once.
+* text records for an encoder–decoder model (T5, BART ...: the tokenizer is marked by
+  :func:`preftune.models.load_tokenizer`): prompt and completions are each encoded *with* the
+  tokenizer's special tokens, kept as they are (T5: ``text </s>``; BART: ``<s> text </s>``), as the
+  model was trained and as TRL's CPO / ORPO trainers tokenise them; the prompt is the encoder input.
 
 Prompt and completion are tokenised **separately** and concatenated. Encoding the joined text can
 merge tokens across the boundary (e.g. ``"A:" + " B"``); the separate encoding is kept because it
@@ -150,12 +154,16 @@ class _Encoder:
         self.adds_bos = bos is not None and probe_special[:1] == [bos] and probe_plain[:1] != [bos]
         self.bos_id = bos if self.adds_bos else None
         self.adds_eos = probe_special[-1:] == [self.eos_id] and probe_plain[-1:] != [self.eos_id]
+        # encoder–decoder models (set by preftune.models.load_tokenizer): text prompts and completions
+        # keep the tokenizer's special tokens (T5: "text </s>"; BART: "<s> text </s>"), as the model was
+        # trained and TRL's CPO / ORPO trainers tokenise them
+        self.seq2seq = bool(getattr(tokenizer, "preftune_encoder_decoder", False))
 
     def encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
         ids = self.tok(texts, add_special_tokens=special)["input_ids"]
-        if special and self.adds_eos:
+        if special and self.adds_eos and not self.seq2seq:
             ids = [seq[:-1] if seq[-1:] == [self.eos_id] else seq for seq in ids]
         if special and self.adds_bos:  # a prompt that already starts with the BOS text gets it once
             ids = [seq[1:] if seq[:2] == [self.bos_id, self.bos_id] else seq for seq in ids]
@@ -217,6 +225,19 @@ def _margin(record: dict, location: str, source: str) -> Optional[float]:
     return float(value)
 
 
+def _encode_completions(encoder: _Encoder, rendered: list, side: int) -> list[list[int]]:
+    """Completion ids of every rendered record (``side`` 1: chosen, 2: rejected): without special tokens,
+    except text records of an encoder–decoder model, which take the tokenizer's own (see ``_Encoder``)."""
+    if not encoder.seq2seq:
+        return encoder.encode([item[side] for item in rendered], False)
+    out: list[list[int]] = [[] for _ in rendered]
+    for special in (True, False):
+        index = [i for i, item in enumerate(rendered) if item[3] == special]
+        for i, ids in zip(index, encoder.encode([rendered[i][side] for i in index], special)):
+            out[i] = ids
+    return out
+
+
 def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, locations: Optional[list[str]] = None,
                      source: str = "data") -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenise and truncate normalised records (see the module docstring for the exact rules).
@@ -253,12 +274,12 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
             texts = [rendered[i][0] + rendered[i][side] for i in index]
             for i, ids in zip(index, encoder.encode(texts, special)):
                 joined[i, side] = ids
-    chosen_ids = encoder.encode([item[1] for item in rendered], False)
-    rejected_ids = encoder.encode([item[2] for item in rendered], False)
+    chosen_ids, rejected_ids = (_encode_completions(encoder, rendered, side) for side in (1, 2))
     pairs = []
     for i in range(len(rendered)):
         sides = (chosen_ids[i], rejected_ids[i])
-        stats.boundary_mismatches += any(joined[i, s + 1] != prompt_ids[i] + sides[s] for s in (0, 1))
+        if not encoder.seq2seq:  # an encoder–decoder model never reads prompt and completion as one text
+            stats.boundary_mismatches += any(joined[i, s + 1] != prompt_ids[i] + sides[s] for s in (0, 1))
         prompt, chosen, rejected, prompt_cut, cut, drop = truncate_pair(
             prompt_ids[i], encoder.end(sides[0]), encoder.end(sides[1]),
             max_length=data_args.max_length, max_prompt_length=data_args.max_prompt_length,

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from preftune.engine.layout import collate_pairs
+from preftune.engine.layout_seq2seq import collate_for
 from preftune.engine.logprobs import sequence_logps
 from preftune.types import TokenizedPair
 
@@ -73,10 +73,11 @@ def compute_reference_logps(
     device = device or next(model.parameters()).device
     chosen, rejected = [], []
     ctx = reference_context or contextlib.nullcontext
+    collate = collate_for(model)  # encoder–decoder models: their own layout
     try:
         with torch.no_grad(), ctx():
             for start in range(0, len(pairs), batch_size):
-                batch = collate_pairs(pairs[start:start + batch_size], share_prompt=True, padding_free=True)
+                batch = collate(pairs[start:start + batch_size], share_prompt=True, padding_free=True)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = sequence_logps(model, batch, chunk_size)
                 chosen.append(out.chosen_logps.double().cpu())

@@ -1,7 +1,10 @@
-"""Batched translation with a causal LM (base model, or base + LoRA adapter).
+"""Batched translation with a causal LM or an encoder–decoder LM (base model, or base + LoRA adapter).
 
-Prompts are ALMA's (:mod:`preftune.mt.prompts`); inputs are left-padded so every row's prompt ends
-at the same position; decoding is greedy, beam search or sampling. A row stops once its
+Prompts are ALMA's (:mod:`preftune.mt.prompts`); for a causal LM inputs are left-padded so every
+row's prompt ends at the same position and the continuation is what follows the prompt; for an
+encoder–decoder model (T5, BART ...) the prompt is the encoder input (right-padded: BART's encoder
+positions count from the row start) and the output is the decoder's sequence after its start token.
+Decoding is greedy, beam search or sampling. A row stops once its
 continuation holds a newline after some text (ALMA keeps only the first line: see
 :func:`preftune.mt.prompts.clean_translation`), or at EOS / ``max_new_tokens``; rows that reach
 ``max_new_tokens`` without either are counted as ``truncated``.
@@ -43,7 +46,8 @@ def load_translation_model(model: str | None, adapter: str | None = None, dtype:
     """Load ``(model, tokenizer)`` for inference through :func:`preftune.models.load_model_and_tokenizer`.
 
     An adapter is loaded with peft and merged into the base weights (faster decoding); the model
-    is put in eval mode with gradients off; the tokenizer pads on the left.
+    is put in eval mode with gradients off; the tokenizer pads on the left (on the right for an
+    encoder–decoder model).
     """
     from preftune.config import ModelArguments, PeftArguments
     from preftune.models import load_model_and_tokenizer
@@ -56,8 +60,12 @@ def load_translation_model(model: str | None, adapter: str | None = None, dtype:
     lm.eval()
     lm.requires_grad_(False)
     lm.config.use_cache = True
-    tok.padding_side = "left"
+    tok.padding_side = "right" if _is_encoder_decoder(lm) else "left"
     return lm, tok
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 class _StopAtNewline:
@@ -80,7 +88,8 @@ class _StopAtNewline:
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, num_beams: int = 1,
              do_sample: bool = False, num_return_sequences: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, add_special_tokens: bool = True) -> tuple[list[list[str]], int]:
-    """Generate continuations of ``prompts`` (one batch, left-padded).
+    """Generate continuations of ``prompts`` (one batch, left-padded; encoder–decoder models:
+    right-padded encoder inputs, the decoder's output after its start token).
 
     Returns:
         ``(outputs, truncated)``: ``outputs[i]`` holds ``num_return_sequences`` cleaned translations
@@ -89,10 +98,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
     """
     from transformers import StoppingCriteriaList
 
-    tokenizer.padding_side = "left"
+    encoder_decoder = _is_encoder_decoder(model)
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     enc = {k: v.to(model.device) for k, v in enc.items()}
-    prompt_len = enc["input_ids"].shape[1]
+    # where the new tokens start in generate's output: after the prompt (causal), after the decoder start
+    prompt_len = 1 if encoder_decoder else enc["input_ids"].shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
                   do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                   stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, prompt_len)]))

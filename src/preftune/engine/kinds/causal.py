@@ -56,6 +56,8 @@ class CausalKind:
         from preftune.models import unwrap_peft
 
         base = unwrap_peft(model)
+        if getattr(getattr(base, "config", None), "is_encoder_decoder", False):  # kinds/seq2seq.py
+            return False
         return hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings") and \
             base.get_output_embeddings() is not None
 
