@@ -489,3 +489,17 @@ def test_trl_dpo_trainer_parity_on_image_batch(case, images, tmp_path):
         diffs["metrics"] = max(diffs["metrics"], *(abs(metrics[k] - trl_metrics[k]) for k in H.COMPARED))
         diffs["grad/max"] = max(diffs["grad/max"], worst / scale)
     print(f"\nTRL parity on images ({case}, 4 layouts): " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+
+
+def test_unsupported_vision_family_is_one_clear_error(tmp_path, capsys):
+    """A vision–language type outside the tested families (PaliGemma: bidirectional attention over
+    the image prefix) is refused from its config, before any weights or processor are read."""
+    from preftune.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
+        "vision_config": {"model_type": "siglip_vision_model"}, "text_config": {"model_type": "gemma"}}))
+    dataset = EXAMPLES / "swift_dpo.jsonl"
+    assert main(["train", *_flags(str(tmp_path), tmp_path / "out", dataset, "--max_steps", "1")]) == 2
+    err = capsys.readouterr().err
+    assert "'paligemma' is not supported" in err and "LLaVA (llava)" in err and "Qwen2-VL (qwen2_vl)" in err

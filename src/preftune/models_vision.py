@@ -17,7 +17,8 @@ LoRA (:func:`vision_lora_targets`, called by :func:`preftune.peft_utils.apply_pe
 the language model only; with ``--freeze_vision_tower false`` (vision parameters trainable when the
 adapter is added) the vision tower's matching linear layers get LoRA too.
 
-Families covered by tests on tiny random models built from their configs: :data:`SUPPORTED`.
+Families covered by tests on tiny random models built from their configs:
+:data:`preftune.engine.kinds.vision.SUPPORTED_FAMILIES`.
 Other vision–language families are refused with :class:`UnsupportedModelError` (some need another
 attention pattern for image tokens, e.g. Gemma 3 / PaliGemma, or take images by cross-attention,
 e.g. Mllama).
@@ -38,9 +39,6 @@ from .errors import ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger("preftune.models")
 
-# model_type -> family name in messages; every one is exercised on a tiny model in tests/test_vision.py
-SUPPORTED = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
-             "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 
 
 def _is_vision_config_dict(config: dict) -> bool:
@@ -51,22 +49,25 @@ def _is_vision_config_dict(config: dict) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _source_is_vision(source: str, trust_remote_code: bool) -> bool:
+def _config_dict(source: str, trust_remote_code: bool) -> dict:
+    """The model config of ``source`` as a dict (``{}`` when it cannot be read: the loaders report why)."""
     path = Path(source).expanduser()
     if path.is_dir():
         config_file = path / "config.json"
-        if not config_file.is_file():
-            return False
         try:
-            return _is_vision_config_dict(json.loads(config_file.read_text()))
+            return json.loads(config_file.read_text()) if config_file.is_file() else {}
         except (OSError, ValueError):
-            return False  # the text loader reports the broken config
+            return {}
     try:
         from transformers import AutoConfig
 
-        return _is_vision_config_dict(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).to_dict())
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).to_dict()
     except Exception:  # unreachable / unknown ids: the text loader reports them
-        return False
+        return {}
+
+
+def _source_is_vision(source: str, trust_remote_code: bool) -> bool:
+    return _is_vision_config_dict(_config_dict(source, trust_remote_code))
 
 
 def is_vision_language_source(model_args: ModelArguments) -> bool:
@@ -88,13 +89,18 @@ def is_vision_language_model(model: nn.Module) -> bool:
     return getattr(getattr(unwrap_peft(model), "config", None), "vision_config", None) is not None
 
 
-def check_supported(config: Any, name: str) -> None:
-    """Raises :class:`UnsupportedModelError` for a vision–language family outside :data:`SUPPORTED`."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
+def check_supported(model_args: ModelArguments) -> None:
+    """Raises :class:`UnsupportedModelError` for a vision–language family outside
+    :data:`preftune.engine.kinds.vision.SUPPORTED_FAMILIES` (read from the config, before any weights)."""
+    from .engine.kinds.vision import SUPPORTED_FAMILIES
+    from .models import resolve_model_source
+
+    name = model_args.model_name_or_path
+    model_type = _config_dict(resolve_model_source(model_args), bool(model_args.trust_remote_code)).get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedModelError(
             f"--model_name_or_path {name}: vision–language model type {model_type!r} is not supported; preftune "
-            f"trains {', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+            f"trains {', '.join(f'{v} ({k})' for k, v in SUPPORTED_FAMILIES.items())}")
 
 
 def load_processor(model_args: ModelArguments):
@@ -109,6 +115,7 @@ def load_processor(model_args: ModelArguments):
     from .data.vision import is_processor
     from .models import _from_pretrained, resolve_model_source
 
+    check_supported(model_args)
     source = model_args.tokenizer_name_or_path if getattr(model_args, "tokenizer_name_or_path", None) \
         else resolve_model_source(model_args)
     processor = _from_pretrained(AutoProcessor, "processor", model_args, source,
@@ -133,7 +140,7 @@ def load_vision_model(model_args: ModelArguments, *, training: bool = True, load
     Otherwise eval mode, every parameter frozen.
 
     Raises:
-        UnsupportedModelError: a family outside :data:`SUPPORTED`, or ``reward_model`` (no
+        UnsupportedModelError: a family outside ``SUPPORTED_FAMILIES``, or ``reward_model`` (no
             vision–language reward models yet).
         ModelLoadError: as :func:`preftune.models.load_model`.
     """
@@ -151,6 +158,7 @@ def load_vision_model(model_args: ModelArguments, *, training: bool = True, load
     if reward_model:
         raise UnsupportedModelError(f"--model_name_or_path {name}: --loss rm (a reward model) is not supported for "
                                     "vision–language models yet")
+    check_supported(model_args)
     _check_attn_implementation(model_args.attn_implementation)
     dtype = _TORCH_DTYPES.get(model_args.dtype, model_args.dtype)
     kwargs: dict[str, Any] = {}
@@ -166,7 +174,6 @@ def load_vision_model(model_args: ModelArguments, *, training: bool = True, load
     model = _from_pretrained(AutoModelForImageTextToText, "model", model_args, source, dtype=dtype,
                              attn_implementation=model_args.attn_implementation,
                              trust_remote_code=model_args.trust_remote_code, **kwargs)
-    check_supported(model.config, name)
     if training:
         model.config.use_cache = False
         if getattr(model_args, "freeze_vision_tower", True):

@@ -38,6 +38,9 @@ from preftune.engine.attention import attention_inputs
 from preftune.engine.kinds import KINDS, register_kind
 from preftune.engine.kinds.causal import get_decoder_and_head
 
+# model_type -> family name; every one is exercised on a tiny model in tests/test_vision.py
+SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
+                      "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
 PIXEL_PREFIX = "pixel."
 # families whose processor returns pixel_values (batch, images, C, H, W) and pixel_attention_mask
 # (batch, images, H, W): the loader drops the batch dim, the kind puts it back (one batch of all images)
@@ -224,6 +227,19 @@ def mrope_position_ids(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return torch.where(in_prompt[None], gathered, torch.where(has, after, pos)[None].expand(3, -1, -1))
 
 
+def check_family(model: nn.Module) -> None:
+    """Raises :class:`preftune.errors.UnsupportedModelError` for a vision–language model whose
+    ``model_type`` is not in :data:`SUPPORTED_FAMILIES` (other attention patterns for image tokens,
+    e.g. Gemma 3 / PaliGemma, or images by cross-attention, e.g. Mllama, would be scored wrongly)."""
+    from preftune.errors import UnsupportedModelError
+
+    model_type = _model_type(_base(model))
+    if model_type not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"vision–language model type {model_type!r} is not supported; preftune trains "
+            + ", ".join(f"{v} ({k})" for k, v in SUPPORTED_FAMILIES.items()))
+
+
 class VisionKind:
     """Vision–language models (``AutoModelForImageTextToText``): see the module docstring."""
 
@@ -239,6 +255,7 @@ class VisionKind:
     def hidden_at_targets(self, model: nn.Module, batch: dict[str, torch.Tensor]
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         base = _base(model)
+        check_family(base)
         lm, _ = get_decoder_and_head(model)
         embeds = lm.get_input_embeddings()(batch["input_ids"])
         if "image_index" in batch and batch["image_index"].numel():
