@@ -5,8 +5,8 @@ Python entry points (loaded on first use, so ``import preftune`` stays cheap —
 * ``preftune.train(config, **overrides)`` — ``preftune train`` from Python; ``config`` is a dict of
   flag names to values, a YAML path or the configuration groups. Returns a
   :class:`preftune.train.TrainResult` ``(output_dir, metrics)``.
-* ``preftune.trl`` — TRL-shaped trainers: ``from preftune.trl import DPOConfig, DPOTrainer`` (also CPO
-  and ORPO), see ``docs/python-api.md``.
+* ``preftune.trl`` — TRL-shaped trainers: ``from preftune.trl import DPOConfig, DPOTrainer`` (also CPO,
+  ORPO and Reward), see ``docs/python-api.md``.
 """
 
 from __future__ import annotations
