@@ -349,10 +349,12 @@ def test_cli_sharegpt_file_with_image_tags_cpo(llava_dir, tmp_path):
 
     out = tmp_path / "run"
     assert main(["train", *_flags(llava_dir, out, EXAMPLES / "sharegpt_dpo.json", "--loss", "cpo", "--max_steps", "2",
-                                  "--lora_target_modules", "DEFAULT")]) == 0
+                                  "--lora_target_modules", "DEFAULT", "--gradient_checkpointing", "true",
+                                  "--eval_ratio", "0.34")]) == 0
     history = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(history) == 2 and history[0]["loss"] != history[1]["loss"]
     assert "format sharegpt" in (out / "data_report.txt").read_text()
+    assert "eval_rewards/accuracies" in json.loads((out / "eval_results.json").read_text())
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] and all(".language_model." in f".{t}" for t in config["target_modules"])
 
@@ -503,3 +505,22 @@ def test_unsupported_vision_family_is_one_clear_error(tmp_path, capsys):
     assert main(["train", *_flags(str(tmp_path), tmp_path / "out", dataset, "--max_steps", "1")]) == 2
     err = capsys.readouterr().err
     assert "'paligemma' is not supported" in err and "LLaVA (llava)" in err and "Qwen2-VL (qwen2_vl)" in err
+
+
+def test_idefics3_image_splitting(tmp_path):
+    """Idefics3 with its default image splitting: each image becomes tiles + a global image, with
+    row/column tokens; the tiles of all prompts go through the encoder as one batch."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    model, processor = V.tiny_vlm("idefics3")
+    processor.image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 16},
+                                                          do_image_splitting=True)
+    paths = V.write_images(tmp_path, 6, sizes=((20, 40), (32, 32), (40, 16)))
+    pairs, _ = tokenize(processor, records(paths), max_length=2000)
+    assert pairs[0].images.load()["pixel_values"].shape[0] > 2  # tiles, not just the two images
+    ref_c, ref_r = naive_logps(model, processor, pairs)
+    with torch.no_grad():
+        for share_prompt, padding_free in LAYOUTS:
+            out = sequence_logps(model, layout(pairs, share_prompt, padding_free))
+            torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.rejected_logps, ref_r, atol=1e-4, rtol=0)
