@@ -50,10 +50,11 @@ class _TRLTrainer(PreferenceTrainer):
         from transformers import set_seed
 
         from preftune.data import build_datasets
-        from preftune.data.pipeline import records_to_raw
+        from preftune.data.pipeline import check_preference_signal, records_to_raw
+        from preftune.engine.kinds import kind_for
         from preftune.models import prepare_for_gradient_checkpointing
         from preftune.peft_utils import _is_peft_model, apply_peft
-        from preftune.train import configure_cpu_numerics, trainer_kwargs
+        from preftune.train import configure_cpu_numerics, quiet_replicas, trainer_kwargs
 
         name = type(self).__name__
         for key, value in unsupported.items():
@@ -66,11 +67,13 @@ class _TRLTrainer(PreferenceTrainer):
             args = self._config_class(output_dir=f"{str(base).rstrip('/').split('/')[-1]}-"
                                                  f"{self._config_class._trainer_name}")
         args, processing_class = self._apply_legacy(args, processing_class, legacy)
+        quiet_replicas()
         set_seed(args.seed)
         loss_args = args.preftune_groups()[3]
         reward = loss_args.is_reward_model
 
         model, model_args = support.resolve_model(model, args, reward=reward, where=name)
+        kind_for(model).head(model)  # an architecture no engine kind supports: one clear error, before the data
         processing_class = support.ready_tokenizer(processing_class, model_args, name)
         if reward:
             model.config.pad_token_id = processing_class.pad_token_id  # the reward is read at the last non-pad
@@ -108,6 +111,7 @@ class _TRLTrainer(PreferenceTrainer):
         data = build_datasets(groups[2], processing_class, seed=args.seed,
                               train_raw=records_to_raw(train_dataset, "train_dataset"),
                               eval_raw=None if eval_dataset is None else records_to_raw(eval_dataset, "eval_dataset"))
+        check_preference_signal(data.train, groups[3].loss)  # every pair identical: DataError; some: a warning
         if reward:  # identical pairs skipped and counted
             from preftune.score import prepare_reward_data
 

@@ -46,7 +46,7 @@ class _TRLConfig(PreftuneTrainingArguments):
     _VALID_DICT_FIELDS = [*PreftuneTrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
     _trainer_name: ClassVar[str] = ""
     # TRL field -> the only value preftune supports (any other value is a ConfigError)
-    _unsupported: ClassVar[dict[str, Any]] = {"generate_during_eval": False, "is_encoder_decoder": None}
+    _unsupported: ClassVar[dict[str, Any]] = {"generate_during_eval": False}
 
     # transformers fields whose defaults TRL changes
     learning_rate: float = field(default=1e-6, metadata=_help("Initial AdamW learning rate (TRL's 1e-6)."))
@@ -80,7 +80,8 @@ class _TRLConfig(PreftuneTrainingArguments):
         default=None, metadata=_help("MoE router load-balancing loss weight; default: the model config's."))
     # TRL features preftune does not implement: accepted only at their defaults
     generate_during_eval: bool = field(default=False, metadata=_help("Not supported (must stay False)."))
-    is_encoder_decoder: Optional[bool] = field(default=None, metadata=_help("Not supported (decoder-only models)."))
+    is_encoder_decoder: Optional[bool] = field(
+        default=None, metadata=_help("Accepted for TRL scripts; the model's kind is detected from the model."))
     # preftune's engine
     share_prompt: bool = field(default=True, metadata=_help("Prompt computed once for chosen and rejected."))
     padding_free: bool = field(default=True, metadata=_help("Pack pairs without padding (preftune's default)."))
