@@ -23,6 +23,16 @@ keep a per-example loss whose *mean* is the batch loss, it is spread over the ex
 ``mean_i nll_i`` is exactly TRL's value and so are its gradients. The logged ``nll_loss`` is the
 unweighted NLL (0 when the loss has no NLL term), as in TRL.
 
+Global batches (gradient accumulation, several ranks): the NLL-carrying losses (``cpo``,
+``simpo``, ``cpo-simpo``, ``dpo`` with ``rpo_alpha``, ``sft``) take ``num_pairs_total`` ``N`` and
+``nll_normaliser`` ``T``, the pairs and chosen completion tokens of the *whole* optimizer step
+(:class:`preftune.distributed.GlobalCounts`), and spread the NLL as
+``nll_i = -chosen_logps_i * N / T``. Then ``sum_i losses_i / N`` over a micro-batch is its exact
+share of the full-batch loss ``mean_i term_i + alpha * (-sum_i chosen_logps_i / T)``, and the
+shares of all micro-batches add up to it, however the batch is split. The defaults (``B`` and the
+batch's own token count) give the per-batch loss above. Every other term is per pair, so the
+split only needs the ``1 / N`` weighting, which the trainer applies.
+
 Precision: float16 / bfloat16 inputs are promoted to float32 for the loss arithmetic (token
 counts above 256 are not exact in bfloat16); float32 / float64 inputs are kept as they are. The
 returned tensors have that compute dtype; gradients flow back to the inputs in their own dtype.
@@ -137,21 +147,35 @@ def _check_weight(name: str, value: float, loss: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """Per-example share of the batch token-mean NLL of the chosen completions.
+def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, *,
+               num_pairs_total: Optional[float] = None, nll_normaliser: Optional[float] = None) -> torch.Tensor:
+    """Per-example share of the token-mean NLL of the chosen completions.
 
-    ``nll_i = -chosen_logps_i * B / sum_j chosen_lengths_j``, so ``nll.mean()`` equals TRL's
-    ``CrossEntropyLoss`` over all chosen completion tokens of the batch,
-    ``-sum_i chosen_logps_i / sum_i chosen_lengths_i`` (value and gradients).
+    ``nll_i = -chosen_logps_i * N / T`` with ``N = num_pairs_total`` (default ``B``) and
+    ``T = nll_normaliser`` (default ``sum_j chosen_lengths_j``). With the defaults ``nll.mean()``
+    equals TRL's ``CrossEntropyLoss`` over all chosen completion tokens of the batch,
+    ``-sum_i chosen_logps_i / sum_i chosen_lengths_i`` (value and gradients). With the global
+    batch's ``N`` and ``T`` (all micro-batches, all ranks), ``nll.sum() / N`` is this batch's exact
+    share of the global token mean ``-sum_all chosen_logps / T`` (see the module docstring).
 
     Args:
         chosen_logps: ``(B,)`` summed token log-probs (nats).
         chosen_lengths: ``(B,)`` token counts (no gradient flows through them).
+        num_pairs_total: pairs of the global batch (> 0) or None.
+        nll_normaliser: chosen completion tokens of the global batch (> 0) or None.
 
     Returns:
         ``(B,)`` tensor in nats per token.
+
+    Raises:
+        ValueError: ``num_pairs_total`` or ``nll_normaliser`` given and not > 0.
     """
-    return -chosen_logps * (chosen_logps.shape[0] / chosen_lengths.detach().sum())
+    for name, value in (("num_pairs_total", num_pairs_total), ("nll_normaliser", nll_normaliser)):
+        if value is not None and not float(value) > 0:
+            raise ValueError(f"{_WHERE}: {name} must be > 0, got {value}")
+    n = chosen_logps.shape[0] if num_pairs_total is None else float(num_pairs_total)
+    t = chosen_lengths.detach().sum() if nll_normaliser is None else float(nll_normaliser)
+    return -chosen_logps * (n / t)
 
 
 def sigmoid_term(margin: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -234,16 +258,19 @@ def _output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards
 # --------------------------------------------------------------------------------------------
 
 
-def _add_bc_term(losses: torch.Tensor, b: _Batch, cpo_alpha: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``losses + cpo_alpha * nll`` (CPO's BC regulariser, :func:`chosen_nll`); nll is None when alpha is 0."""
+def _add_bc_term(losses: torch.Tensor, b: _Batch, cpo_alpha: float, **normalisers: Optional[float]
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``losses + cpo_alpha * nll`` (CPO's BC regulariser, :func:`chosen_nll` with ``normalisers``:
+    ``num_pairs_total``, ``nll_normaliser``); nll is None when alpha is 0."""
     if not cpo_alpha:
         return losses, None
-    nll = chosen_nll(b.chosen, b.chosen_lengths)
+    nll = chosen_nll(b.chosen, b.chosen_lengths, **normalisers)
     return losses + cpo_alpha * nll, nll
 
 
 def cpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> LossOutput:
+             label_smoothing: float = 0.0, cpo_alpha: float = 1.0, num_pairs_total: Optional[float] = None,
+             nll_normaliser: Optional[float] = None) -> LossOutput:
     """Contrastive Preference Optimization (Xu et al. 2024, arXiv 2401.08417).
 
     ``loss_i = term(pi_c - pi_r) + cpo_alpha * nll_i`` where ``pi_*`` are the summed log-probs for
@@ -259,6 +286,8 @@ def cpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid
         label_smoothing: in [0, 0.5); ``sigmoid`` only (TRL warns and ignores it for hinge/ipo,
             here it is an error).
         cpo_alpha: weight of the NLL term (>= 0); 0 disables it (``nll_loss`` logged as 0).
+        num_pairs_total, nll_normaliser: pairs and chosen completion tokens of the global batch for
+            the NLL term (:func:`chosen_nll`); None: this batch's.
 
     Returns:
         ``LossOutput`` with ``losses (B,)``.
@@ -276,12 +305,13 @@ def cpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid
     if variant.length_normalised:
         chosen, rejected = chosen / b.chosen_lengths, rejected / b.rejected_lengths
     losses = variant.term(chosen - rejected, beta, label_smoothing)
-    losses, nll = _add_bc_term(losses, b, cpo_alpha)
+    losses, nll = _add_bc_term(losses, b, cpo_alpha, num_pairs_total=num_pairs_total, nll_normaliser=nll_normaliser)
     return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll)
 
 
 def simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.5,
-               label_smoothing: float = 0.0, cpo_alpha: float = 0.0) -> LossOutput:
+               label_smoothing: float = 0.0, cpo_alpha: float = 0.0, num_pairs_total: Optional[float] = None,
+               nll_normaliser: Optional[float] = None) -> LossOutput:
     """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6), optionally with the CPO NLL term.
 
     ``loss_i = -(1 - eps) log sigmoid(z_i) - eps log sigmoid(-z_i) + cpo_alpha * nll_i`` with
@@ -294,6 +324,8 @@ def simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.
         logps: ``PolicyLogps`` with ``(B,)`` tensors.
         beta: reward scale (> 0). simpo_gamma: target reward margin gamma (nats, any sign).
         label_smoothing: in [0, 0.5). cpo_alpha: NLL weight (>= 0).
+        num_pairs_total, nll_normaliser: pairs and chosen completion tokens of the global batch for
+            the NLL term (:func:`chosen_nll`); None: this batch's.
 
     Returns:
         ``LossOutput`` with ``losses (B,)``.
@@ -307,18 +339,19 @@ def simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.
     b = _prepare(logps, "simpo")
     chosen, rejected = b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths
     losses = sigmoid_term(chosen - rejected - simpo_gamma / beta, beta, label_smoothing)
-    losses, nll = _add_bc_term(losses, b, cpo_alpha)
+    losses, nll = _add_bc_term(losses, b, cpo_alpha, num_pairs_total=num_pairs_total, nll_normaliser=nll_normaliser)
     return _output(losses, beta * chosen, beta * rejected, chosen, rejected, nll)
 
 
 def cpo_simpo_loss(logps: PolicyLogps, *, beta: float = 2.0, simpo_gamma: float = 0.5,
-                   label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> LossOutput:
+                   label_smoothing: float = 0.0, cpo_alpha: float = 1.0, num_pairs_total: Optional[float] = None,
+                   nll_normaliser: Optional[float] = None) -> LossOutput:
     """CPO-SimPO: :func:`simpo_loss` plus ``cpo_alpha`` (default 1.0) x the chosen NLL.
 
     Same formula, shapes and errors as :func:`simpo_loss`; only the default ``cpo_alpha`` differs.
     """
     return simpo_loss(logps, beta=beta, simpo_gamma=simpo_gamma, label_smoothing=label_smoothing,
-                      cpo_alpha=cpo_alpha)
+                      cpo_alpha=cpo_alpha, num_pairs_total=num_pairs_total, nll_normaliser=nll_normaliser)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +420,8 @@ def orpo_loss(logps: PolicyLogps, *, beta: float = 0.1, label_smoothing: float =
 
 
 def dpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, rpo_alpha: Optional[float] = None) -> LossOutput:
+             label_smoothing: float = 0.0, rpo_alpha: Optional[float] = None,
+             num_pairs_total: Optional[float] = None, nll_normaliser: Optional[float] = None) -> LossOutput:
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7) and variants.
 
     With log-ratios ``h_* = pi_* - ref_*`` (summed log-probs) and margin ``m = h_c - h_r``:
@@ -413,6 +447,8 @@ def dpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid
         loss_type: one of :data:`DPO_VARIANTS`.
         label_smoothing: in [0, 0.5); ``sigmoid`` and ``robust`` only.
         rpo_alpha: NLL weight (>= 0) or ``None`` (no NLL term, ``nll_loss`` logged as 0).
+        num_pairs_total, nll_normaliser: pairs and chosen completion tokens of the global batch for
+            the NLL term (:func:`chosen_nll`); None: this batch's.
 
     Returns:
         ``LossOutput`` with ``losses (B,)``.
@@ -433,26 +469,29 @@ def dpo_loss(logps: PolicyLogps, *, beta: float = 0.1, loss_type: str = "sigmoid
     else:
         margin = chosen_ratio - rejected_ratio
     losses = variant.term(margin, beta, label_smoothing)
-    nll = chosen_nll(b.chosen, b.chosen_lengths) if rpo_alpha else None
+    nll = chosen_nll(b.chosen, b.chosen_lengths, num_pairs_total=num_pairs_total,
+                     nll_normaliser=nll_normaliser) if rpo_alpha else None
     if nll is not None:
         losses = losses + rpo_alpha * nll
     return _output(losses, beta * chosen_ratio, beta * rejected_ratio, b.chosen, b.rejected, nll)
 
 
-def sft_loss(logps: PolicyLogps, *, label_smoothing: float = 0.0) -> LossOutput:
+def sft_loss(logps: PolicyLogps, *, label_smoothing: float = 0.0, num_pairs_total: Optional[float] = None,
+             nll_normaliser: Optional[float] = None) -> LossOutput:
     """Supervised fine-tuning on the chosen completions: ``loss_i = nll_i`` (:func:`chosen_nll`).
 
     The mean is the token-mean NLL of all chosen tokens (TRL's SFT / DPO ``"sft"`` loss); the
     rejected completions get no gradient. Rewards are the per-token averaged log-probs
     ``logps_* / lengths_*`` (no beta), so ``rewards/accuracies`` still says how often the model
     prefers the chosen completion. ``logps/*`` log the summed log-probs; ``nll_loss`` the NLL.
+    ``num_pairs_total`` / ``nll_normaliser``: the global batch's counts (:func:`chosen_nll`).
 
     Raises:
         ValueError: ``label_smoothing != 0`` or bad ``logps``.
     """
     _check_smoothing("sft", label_smoothing, False)
     b = _prepare(logps, "sft")
-    nll = chosen_nll(b.chosen, b.chosen_lengths)
+    nll = chosen_nll(b.chosen, b.chosen_lengths, num_pairs_total=num_pairs_total, nll_normaliser=nll_normaliser)
     return _output(nll, b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths,
                    b.chosen, b.rejected, nll)
 
@@ -576,16 +615,21 @@ def get_loss_fn(name: str) -> LossFn:
         raise ValueError(f"{_WHERE}: unknown loss {name!r}; valid: {', '.join(LOSS_FUNCTIONS)}") from None
 
 
-def compute_loss(logps: PolicyLogps | PairRewards, args: LossArguments) -> LossOutput:
+def compute_loss(logps: PolicyLogps | PairRewards, args: LossArguments, *, num_pairs_total: Optional[float] = None,
+                 nll_normaliser: Optional[float] = None) -> LossOutput:
     """Run the loss ``args.loss`` with its hyper-parameters from ``args`` on ``logps``.
 
     Args:
         logps: ``PolicyLogps`` of B pairs (``(B,)`` tensors; reference sums for ``dpo``), or
             :class:`PairRewards` for ``rm``.
         args: validated ``LossArguments``.
+        num_pairs_total, nll_normaliser: the global batch's pairs and chosen completion tokens,
+            passed to the losses that take them (those with an NLL term; see the module docstring);
+            ignored by the others (their terms are per pair).
 
     Returns:
-        ``LossOutput``; ``losses.mean()`` is the batch loss.
+        ``LossOutput``; ``losses.mean()`` is the batch loss (with the global counts,
+        ``losses.sum() / num_pairs_total`` is this batch's share of the global batch loss).
 
     Raises:
         ValueError: unknown loss name, an NLL weight (``cpo_alpha`` / ``rpo_alpha``) set to a
@@ -599,4 +643,16 @@ def compute_loss(logps: PolicyLogps | PairRewards, args: LossArguments) -> LossO
         if getattr(args, weight) and args.loss not in owners:
             raise ValueError(f"{_WHERE}: --{weight} applies to --loss {'/'.join(owners)} only, "
                              f"not {args.loss!r} (got {getattr(args, weight)})")
-    return fn(logps, **_HPARAMS[args.loss](args))
+    hparams = _HPARAMS[args.loss](args)
+    if num_pairs_total is not None or nll_normaliser is not None:
+        accepted = _keyword_names(fn)
+        for name, value in (("num_pairs_total", num_pairs_total), ("nll_normaliser", nll_normaliser)):
+            if value is not None and name in accepted:
+                hparams[name] = value
+    return fn(logps, **hparams)
+
+
+def _keyword_names(fn: LossFn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
