@@ -55,6 +55,28 @@ def test_layouts_match_naive_logps_and_grads(make_tiny_llama, share_prompt, padd
         torch.testing.assert_close(p.grad, g_ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("share_prompt,padding_free", LAYOUTS)
+def test_mask_kernel_matches_naive_logps_and_grads(make_tiny_llama, share_prompt, padding_free):
+    """--packed_attention mask (4-D mask to the model's SDPA) gives the naive numbers too; the default
+    (blockwise) is covered by test_layouts_match_naive_logps_and_grads."""
+    from preftune.engine.options import configure_engine
+
+    model = make_tiny_llama(tie=True)
+    configure_engine(model, packed_attention="mask")
+    pairs = random_pairs(4, 96, seed=3)
+    ref_c, ref_r = naive_logps(model, pairs)
+    (ref_c.sum() - 0.5 * ref_r.sum()).backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free, max_tokens_per_batch=24)
+    out = sequence_logps(model, batch, chunk_size=7)
+    torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.rejected_logps, ref_r, atol=1e-4, rtol=0)
+    (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+    for g_ref, p in zip(ref_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g_ref, atol=1e-5, rtol=1e-4)
+
+
 def test_shared_prompt_computes_prompt_once_and_packs():
     pairs = [TokenizedPair([5, 6, 7], [8, 9], [10]), TokenizedPair([5], [8], [9, 9, 9])]
     plain = collate_pairs(pairs, share_prompt=False, padding_free=False)

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from preftune.engine.attention import attention_inputs  # noqa: F401  (re-exported)
 from preftune.engine.kinds import kind_for
+from preftune.engine.memory import prepare_training_step
+from preftune.engine.options import engine_options
 from preftune.errors import UnsupportedModelError
 from preftune.types import PolicyLogps
 
@@ -71,6 +73,8 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     if getattr(kind, "scores_sequences", False):  # a reward model: no LM head to score tokens with
         raise UnsupportedModelError(f"{type(model).__name__} is a reward model (value head, no LM head): it gives "
                                     "rewards (preftune.engine.rewards.sequence_rewards, --loss rm), not log-probs")
+    if model.training and torch.is_grad_enabled():
+        prepare_training_step(model, batch, engine_options(model))
     flat, extras = kind.hidden_at_targets(model, batch)
     logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size)
     num_pairs = int(batch["num_pairs"])
