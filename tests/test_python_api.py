@@ -25,11 +25,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Llama + byte tokenizer with a chat template, saved with save_pretrained."""
+    """A tiny random Llama (one layer: these tests compare paths, not depth) + byte tokenizer with a
+    chat template, saved with save_pretrained."""
     path = tmp_path_factory.mktemp("tiny-chat")
     tok = byte_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tok), layers=2)
+    model = tiny_llama(vocab_size=len(tok), layers=1)
     model.config.max_position_embeddings = 2048
     model.save_pretrained(path)
     tok.save_pretrained(path)
