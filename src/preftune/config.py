@@ -292,8 +292,29 @@ class EngineArguments:
     precompute_ref_log_probs: Optional[bool] = field(
         default=None, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk). "
                                 "Default: on (--loss rm has no reference and refuses it)."})
+    packed_attention: str = field(
+        default="blockwise", metadata={"help": "SDPA models: 'blockwise' (preftune's attention over the packed / "
+                                       "shared-prompt layout, memory linear in the row length) or 'mask' (a 4-D "
+                                       "mask handed to the model's SDPA, T^2 per row kept in every layer)."})
+    max_activation_memory_gb: Optional[float] = field(
+        default=2.0, metadata={"help": "Activations kept for the backward, GiB per step (estimated from the "
+                               "config): when a batch needs more, the first decoder layers are checkpointed, as "
+                               "few as fit. inf: never (--activation_checkpointing true: always, every layer)."})
+    malloc_trim: bool = field(
+        default=True, metadata={"help": "CPU, glibc: return free heap pages to the system after each decoder "
+                                "layer (glibc keeps about as much free heap as the activations otherwise)."})
+    compile_layers: bool = field(
+        default=False, metadata={"help": "torch.compile each decoder layer (experimental speed path; the first "
+                                 "steps compile)."})
+    fused_lm_head: bool = field(
+        default=False, metadata={"help": "LM head: compute the logits' gradient in the forward of each chunk, "
+                                 "so the backward does not recompute the [chunk, V] block (experimental)."})
 
     def __post_init__(self) -> None:
+        _check_choice("packed_attention", self.packed_attention, ("blockwise", "mask"))
+        budget = self.max_activation_memory_gb
+        if budget is not None and not budget > 0:
+            raise ConfigError(f"--max_activation_memory_gb must be > 0 (inf: no limit), got {budget}")
         # unset means on; whether it was given is kept for --loss rm, which refuses it
         self._precompute_given = self.precompute_ref_log_probs is not None
         if self.precompute_ref_log_probs is None:

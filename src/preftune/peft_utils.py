@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from .config import PeftArguments
+from .lora_dropout import fuse_lora_dropout
 from .models import ModelLoadError
 
 logger = logging.getLogger("preftune.models")
@@ -72,7 +73,7 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
                     peft_args.peft_model_id, cfg.r, cfg.lora_alpha, cfg.target_modules)
         if with_reference_adapter:
             setup_reference_adapter(peft_model, peft_args.peft_model_id)
-        return peft_model
+        return fuse_lora_dropout(peft_model)
     target_modules = resolve_target_modules(model, peft_args.lora_target_modules)
     if getattr(model.config, "vision_config", None) is not None:  # the language model's layers (models_vision)
         from .models_vision import vision_lora_targets
@@ -83,7 +84,7 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
                         target_modules=target_modules, task_type=task_type,
                         bias="none", modules_to_save=["score"] if reward_head else None)
-    return get_peft_model(model, config, adapter_name=TRAIN_ADAPTER)
+    return fuse_lora_dropout(get_peft_model(model, config, adapter_name=TRAIN_ADAPTER))
 
 
 # Output projections of attention blocks (not part of ms-swift's DEFAULT targets, which are the

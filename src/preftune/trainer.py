@@ -103,6 +103,9 @@ class PreferenceTrainer(Trainer):
         resolve_reference_options(loss_args, engine_args,
                                   has_ref_model=ref_model is not None or reference_context is not None)
         super().__init__(*args, **kwargs)
+        from preftune.engine.options import configure_engine
+
+        configure_engine(self.model, engine_args)  # attention kernel, activation budget, speed paths
         self.loss_args = loss_args
         self.engine_args = engine_args
         self.reference_context = reference_context
