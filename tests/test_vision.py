@@ -101,9 +101,14 @@ def test_layouts_match_naive_logps_and_grads(family, images):
     assert vision_grad > 0  # the vision tower is trained here: its gradients are compared too
     model.zero_grad(set_to_none=True)
     for share_prompt, padding_free in LAYOUTS:
-        out = sequence_logps(model, layout(pairs, share_prompt, padding_free), chunk_size=16)
+        # gradients in every layout for the three main families; in the default layout for the others
+        grads = family in V.FAMILIES or (share_prompt and padding_free)
+        with torch.set_grad_enabled(grads):
+            out = sequence_logps(model, layout(pairs, share_prompt, padding_free), chunk_size=16)
         torch.testing.assert_close(out.chosen_logps, ref_c, atol=1e-4, rtol=0)
         torch.testing.assert_close(out.rejected_logps, ref_r, atol=1e-4, rtol=0)
+        if not grads:
+            continue
         (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
         for (name, _), g, g_ref in zip(model.named_parameters(), _grads(model), ref_grads):
             torch.testing.assert_close(g, g_ref, atol=1e-5 * max(1.0, g_ref.abs().max().item()), rtol=1e-4,

@@ -1,7 +1,8 @@
 """``preftune`` command line: ``train``, ``evaluate``, ``plot`` and ``mt``.
 
 Configuration and data errors are printed as one clear message (no traceback) and exit with
-status 2; ``PREFTUNE_DEBUG=1`` shows the traceback.
+status 2; a run stopped by the non-finite guard (:class:`preftune.guard.NonFiniteError`) exits
+with status 3; ``PREFTUNE_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -118,8 +119,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     _setup_logging()
+    from preftune.guard import EXIT_NON_FINITE, NonFiniteError
+
     try:
         return COMMANDS[command](rest)
+    except NonFiniteError as exc:  # the run diverged: the guard's one line, exit 3 (not an input error)
+        if os.environ.get("PREFTUNE_DEBUG"):
+            raise
+        print(f"preftune {command}: error: {exc}", file=sys.stderr)
+        return EXIT_NON_FINITE
     except _user_errors() as exc:
         if os.environ.get("PREFTUNE_DEBUG"):
             raise

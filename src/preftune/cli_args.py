@@ -42,6 +42,17 @@ class PreftuneTrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Pairs per device in evaluation."})
     learning_rate: float = field(default=5e-6, metadata={"help": "Initial AdamW learning rate."})
     save_only_model: bool = field(default=False, metadata={"help": "Skip optimizer state in checkpoints."})
+    # run safety (preftune.guard, preftune.outputs; docs/reliability.md)
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Clear a --output_dir that holds an earlier run (refused by default)."})
+    nan_policy: str = field(
+        default="stop", metadata={"help": "A non-finite loss, loss term or gradient norm: stop (exit status 3, "
+                                  "nothing saved as the final model) or skip_batch (that update is not applied)."})
+    max_skipped_batches: int = field(
+        default=10, metadata={"help": "--nan_policy skip_batch: stop when more updates than this were skipped."})
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "transformers' filter that hides NaN/inf losses in the logs; off in preftune "
+                                 "(logged losses are the real values)."})
 
     def __post_init__(self):
         import torch
@@ -65,6 +76,10 @@ class PreftuneTrainingArguments(TrainingArguments):
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.learning_rate < 0:
             raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
+        if self.nan_policy not in ("stop", "skip_batch"):
+            raise ConfigError(f"--nan_policy {self.nan_policy!r} is not valid; choose one of: stop, skip_batch")
+        if self.max_skipped_batches < 0:
+            raise ConfigError(f"--max_skipped_batches must be >= 0, got {self.max_skipped_batches}")
 
 
 TRAIN_GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments,

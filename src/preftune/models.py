@@ -171,9 +171,10 @@ def ensure_gguf_converted(gguf_file: str | os.PathLike, cache_root: str | os.Pat
                           trust_remote_code: bool = False) -> Path:
     """Return the cache directory of ``gguf_file``, converting it first if it is not cached yet.
 
-    The conversion is written into a temporary directory next to the entry and renamed into place
-    (atomic on one file system), so an interrupted conversion never leaves a partial entry. If
-    another process finishes first, its entry is kept and ours discarded.
+    The conversion is written into a temporary directory next to the entry, its marker last, and
+    renamed into place (atomic on one file system), so an interrupted conversion never leaves a
+    partial entry (an entry without marker is never loaded). Concurrent processes (ranks, runs)
+    take an ``fcntl`` lock on ``.<entry>.lock``: one converts, the others wait and load its entry.
     """
     gguf_file = Path(gguf_file).expanduser().resolve()
     target = gguf_cache_dir(gguf_file, cache_root)
@@ -181,12 +182,26 @@ def ensure_gguf_converted(gguf_file: str | os.PathLike, cache_root: str | os.Pat
         logger.info("Loading cached conversion of %s from %s", gguf_file.name, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    lock = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        if (target / _CACHE_MARKER).is_file():  # converted by another process while we waited
+            return target
+        _convert_into_cache(gguf_file, target, trust_remote_code)
+    finally:
+        os.close(lock)
+    return target
+
+
+def _convert_into_cache(gguf_file: Path, target: Path, trust_remote_code: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         _convert_gguf(gguf_file, tmp, trust_remote_code)
         if target.exists():  # an entry without marker is broken (should not happen): replace it
             if (target / _CACHE_MARKER).is_file():
-                return target
+                return
             shutil.rmtree(target)
         os.replace(tmp, target)
     except OSError:
@@ -195,7 +210,6 @@ def ensure_gguf_converted(gguf_file: str | os.PathLike, cache_root: str | os.Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model_source(model_args: ModelArguments) -> str:

@@ -218,17 +218,20 @@ def save(run: Run, metrics: dict[str, float]) -> Path:
 
 def run(groups: tuple) -> dict[str, float]:
     """The whole lifecycle; returns the train metrics (plus the final eval metrics when there is an eval split)."""
-    r = setup(groups)
-    metrics = train(r)
-    if r.trainer.eval_dataset is not None:
-        state = r.trainer.state
-        last = [h for h in state.log_history if "eval_loss" in h]
-        if last and last[-1].get("step") == state.global_step:  # evaluated at the last step already
-            eval_metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
-        else:
-            eval_metrics = r.trainer.evaluate()
-        metrics.update(eval_metrics)  # save() writes them to eval_results.json too
-    save(r, metrics)
+    try:
+        r = setup(groups)
+        metrics = train(r)
+        if r.trainer.eval_dataset is not None:
+            state = r.trainer.state
+            last = [h for h in state.log_history if "eval_loss" in h]
+            if last and last[-1].get("step") == state.global_step:  # evaluated at the last step already
+                eval_metrics = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+            else:
+                eval_metrics = r.trainer.evaluate()
+            metrics.update(eval_metrics)  # save() writes them to eval_results.json too
+        save(r, metrics)
+    finally:  # the output directory's lock (taken by setup), so a later run in another process may use it
+        outputs.release_output_dir(groups[-1].output_dir)
     return metrics
 
 

@@ -26,8 +26,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from preftune.config import ConfigError, EngineArguments, LossArguments, resolve_reference_options
 from preftune.engine.layout import collate_pairs
 from preftune.engine.logprobs import sequence_logps
+from preftune.guard import GuardedTrainerMixin
 from preftune.engine.rewards import sequence_rewards
 from preftune.losses import compute_loss as loss_from_table
+from preftune.outputs import CrashSafeCheckpointMixin
 from preftune.types import PolicyLogps, TokenizedPair
 
 
@@ -36,6 +38,8 @@ class PairDataset(Dataset):
 
     def __init__(self, pairs: list[TokenizedPair]):
         self.pairs = pairs
+        for i, pair in enumerate(pairs):  # carried by the batch (record_index), named in guard messages
+            pair.record_index = i
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -77,8 +81,11 @@ def preference_metrics(logps: PolicyLogps, out) -> dict[str, torch.Tensor]:
     return metrics
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
     """``transformers.Trainer`` for preference pairs.
+
+    With the non-finite guard (:mod:`preftune.guard`: ``--nan_policy``) and crash-safe checkpoints
+    (:mod:`preftune.outputs`: written to a temporary directory, renamed when complete).
 
     Args:
         loss_args: which loss (:class:`LossArguments`).
@@ -172,9 +179,11 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self.batch_loss_and_metrics(model, inputs)
+        finite = self.guard_batch(loss, metrics, inputs) if model.training else True  # raises under --nan_policy stop
         if model.training:
             self.logical_tokens_seen += int(inputs["num_logical_tokens"])
-        self._store(metrics, "train" if model.training else "eval")
+        if finite:  # a skipped batch's terms stay out of the logged means
+            self._store(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

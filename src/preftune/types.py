@@ -57,6 +57,11 @@ class TokenizedPair:
     # Images of the prompt (vision–language models): the prompt_ids hold one placeholder token per
     # image feature row; see PairImages. None for text pairs.
     images: Optional[PairImages] = None
+    # Where the pair came from, for messages (e.g. the non-finite guard's): ``location`` names the
+    # source record ("data.jsonl, line 7"); ``record_index`` is the pair's position in the dataset
+    # the trainer was given (set by preftune.trainer.PairDataset), carried by the batch.
+    location: Optional[str] = None
+    record_index: Optional[int] = None
 
     @property
     def num_tokens_logical(self) -> int:

@@ -135,6 +135,8 @@ def collate_pairs(
       a reward model reads its value (see :func:`_last_tokens`); ``pad_token_id``: ``()`` the pad
       id that rule used.
     * ``margin``: ``(B,)`` float32, when some pair carries a reward margin (0 for the others).
+    * ``record_index``: ``(B,)`` int64, each pair's ``record_index`` (its position in the trainer's
+      dataset), when every pair has one.
     * ``num_pairs``: ``()``; ``num_logical_tokens``: ``()`` tokens of ``[P C]`` + ``[P R]``.
     * ``ref_chosen_logps`` / ``ref_rejected_logps``: ``(B,)`` float64, when every pair carries
       precomputed reference log-probs.
@@ -201,6 +203,8 @@ def collate_pairs(
     if all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs):
         batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float64)
         batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
+    if all(p.record_index is not None for p in pairs):  # which records the batch holds (guard messages)
+        batch["record_index"] = torch.tensor([p.record_index for p in pairs], dtype=torch.long)
     if any(p.margin is not None for p in pairs):  # reward-model margins; a pair without one has margin 0
         batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
     if any(p.images is not None for p in pairs):

@@ -6,7 +6,10 @@ a separate reference model) gives them for every pair; they are stored on the pa
 (``TokenizedPair.ref_*``), travel in the batch, and no reference forward runs during training.
 The values are cached per reference policy (:func:`model_cache_path` under
 :func:`default_cache_dir`: model, adapter, dtype, mixed precision) and per pair (its token ids),
-so a later run or ``preftune evaluate`` on the same pairs reuses them.
+so a later run or ``preftune evaluate`` on the same pairs reuses them. The cache is read with
+``torch.load(weights_only=True)`` (a crafted file cannot run code; a broken one is recomputed) and
+written by the main process only, under an ``fcntl`` lock (read, merge, write a temporary file,
+rename), so runs sharing it concurrently keep each other's entries and never see a partial file.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 
 from preftune.engine.layout_seq2seq import collate_for
 from preftune.engine.logprobs import sequence_logps
+from preftune.guard import fault_point
+from preftune.outputs import is_main_process
 from preftune.types import TokenizedPair
 
 logger = logging.getLogger("preftune.engine")
@@ -82,20 +87,61 @@ def compute_reference_logps(
                 out = sequence_logps(model, batch, chunk_size)
                 chosen.append(out.chosen_logps.double().cpu())
                 rejected.append(out.rejected_logps.double().cpu())
+                fault_point("reference")
     finally:
         model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
 
 def _load_cache(path: Path) -> dict[str, tuple[float, float]]:
+    """The cache file's ``{pair key: (chosen, rejected)}``; ``{}`` (with a warning) when it is missing,
+    unreadable, or not that shape. Loaded with ``weights_only=True``: plain containers and numbers
+    only, so a crafted file cannot run code."""
     if not path.exists():
         return {}
     try:
-        values = torch.load(path)
-        return values if isinstance(values, dict) else {}
-    except Exception:  # a broken cache file is recomputed, never trusted
+        values = torch.load(path, weights_only=True)
+    except Exception:  # a broken (or hostile) cache file is recomputed, never trusted
         logger.warning("ignoring unreadable reference cache %s", path)
         return {}
+    if not isinstance(values, dict) or not all(
+            isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2 for k, v in values.items()):
+        logger.warning("ignoring reference cache %s: not a mapping of pair keys to two log-probs", path)
+        return {}
+    return values
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``fcntl`` lock on ``path`` (created), held for the ``with`` block."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _merge_into_cache(path: Path, new: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Add ``new`` to the cache file under its lock (read, merge, write a temporary file, rename), so
+    concurrent runs sharing the cache never lose each other's entries nor leave a partial file.
+    Returns the merged mapping; a cache that cannot be written is a warning, not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(path.with_suffix(".lock")):
+            merged = {**_load_cache(path), **new}
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(merged, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            fault_point("reference_write")
+            os.replace(tmp, path)
+        return merged
+    except OSError as exc:
+        logger.warning("could not write the reference cache %s (%s); continuing without it", path, exc)
+        return new
 
 
 def attach_reference_logps(
@@ -125,13 +171,10 @@ def attach_reference_logps(
     if missing:
         c, r = compute_reference_logps(model, [pairs[i] for i in missing], reference_context=reference_context,
                                        batch_size=batch_size, chunk_size=chunk_size)
-        cached = _load_cache(path)  # another run may have written meanwhile
-        for i, ci, ri in zip(missing, c.tolist(), r.tolist()):
-            cached[keys[i]] = (ci, ri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(cached, tmp)
-        os.replace(tmp, path)
+        computed = {keys[i]: (ci, ri) for i, ci, ri in zip(missing, c.tolist(), r.tolist())}
+        cached.update(computed)
+        if is_main_process():  # only rank 0 writes; another run may have added entries meanwhile
+            cached.update(_merge_into_cache(path, computed))
     for p, k in zip(pairs, keys):
         p.ref_chosen_logps, p.ref_rejected_logps = cached[k]
     source = "computed" if len(missing) == len(pairs) else "cache" if not missing else "cache+computed"

@@ -1,0 +1,322 @@
+"""Fault injection and run safety (docs/reliability.md): kill -9 at several points then resume,
+corrupted checkpoints, protected output directories, a shared reference cache, the non-finite guard.
+
+Runs are CPO/DPO + LoRA on the tiny random model (tests/conftest.py). Kills are real: the run is a
+``python -m preftune.cli train`` subprocess that SIGKILLs itself at a point named by
+``$PREFTUNE_FAULT`` (preftune.guard.fault_point); resumes and references run in-process.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.cli import main
+from preftune.cli_args import parse_groups
+from preftune.config import ConfigError
+from preftune.data.loading import demo_path
+from preftune.guard import EXIT_NON_FINITE, NonFiniteError
+from preftune.outputs import MARKER, latest_complete_checkpoint, prepare_output_dir, verify_complete
+from preftune.train import save, setup, train
+
+STEPS = 4
+
+
+def flags(model_dir, out, *extra):
+    return ["--model_name_or_path", model_dir, "--output_dir", str(out), "--use_peft", "--lora_r", "4",
+            "--lora_alpha", "8", "--lora_dropout", "0.1", "--max_steps", str(STEPS), "--per_device_train_batch_size", "2",
+            "--logging_steps", "1", "--learning_rate", "1e-2", "--max_length", "128", "--max_prompt_length", "64",
+            "--seed", "5", "--save_strategy", "steps", "--save_steps", "1", "--dataloader_num_workers", "0",
+            "--disable_tqdm", "true", "--dataset", f"{demo_path()}#16", *extra]
+
+
+def run_cli(argv, env=None, wait=True):
+    """``python -m preftune.cli`` in a subprocess with this process's thread count (same numerics)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", *argv], env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def adapter(path):
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def history(out):
+    return json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """A 4-step CPO run with a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("reliability") / "full"
+    assert main(["train", *flags(tiny_model_dir, out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_dpo(tiny_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("reliability-dpo")
+    out = base / "full"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFTUNE_REF_CACHE", str(base / "cache"))
+    try:
+        assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo", "--save_strategy", "no")]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+# ---- kill -9, then resume --------------------------------------------------------------------------
+def test_killed_three_times_then_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, uninterrupted):
+    """One run killed at three points in a row, each time resumed from `latest`."""
+    out = tmp_path / "run"
+    resume = ["--resume_from_checkpoint", "latest"]
+    # 1. during step 2: after its backward, before its optimiser step
+    code, err = run_cli(["train", *flags(tiny_model_dir, out)], env={"PREFTUNE_FAULT": "step:2"})
+    assert code == -9, err[-2000:]
+    assert latest_complete_checkpoint(out).endswith("checkpoint-1") and not (out / "checkpoint-2").exists()
+    assert main(["train", *flags(tiny_model_dir, out)]) == 2  # a fresh run refuses the directory
+    # 2. resumed at 1; killed while writing checkpoint-3 (written, not yet renamed into place)
+    code, err = run_cli(["train", *flags(tiny_model_dir, out, *resume)], env={"PREFTUNE_FAULT": "checkpoint_write:2"})
+    assert code == -9, err[-2000:]
+    assert (out / ".partial-checkpoint-3").is_dir() and not (out / "checkpoint-3").exists()
+    assert latest_complete_checkpoint(out).endswith("checkpoint-2")
+    # 3. resumed at 2; killed with the final files staged, not yet moved into place
+    code, err = run_cli(["train", *flags(tiny_model_dir, out, *resume)], env={"PREFTUNE_FAULT": "final_save:1"})
+    assert code == -9, err[-2000:]
+    assert latest_complete_checkpoint(out).endswith("checkpoint-4")
+    assert not (out / "adapter_model.safetensors").exists()
+    # 4. resumed at 4: nothing left to train, the final save completes
+    assert main(["train", *flags(tiny_model_dir, out, *resume)]) == 0
+    assert max_diff(adapter(uninterrupted), adapter(out)) <= 1e-6
+    assert verify_complete(out) is None and not list(out.glob(".partial-*"))
+    assert [h["loss"] for h in history(out) if "loss" in h] == pytest.approx(
+        [h["loss"] for h in history(uninterrupted) if "loss" in h], abs=1e-6)
+
+
+def test_corrupted_newest_checkpoint_falls_back(tiny_model_dir, tmp_path, uninterrupted, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    for name in ("adapter_model.safetensors", "trainer_state.json", MARKER):
+        (out / name).unlink()
+    blob = out / "checkpoint-4" / "adapter_model.safetensors"  # same size, one byte changed
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    (out / "checkpoint-3" / MARKER).unlink()  # what a partial write (or another tool) leaves
+    caplog.set_level("WARNING", logger="preftune.outputs")
+    assert latest_complete_checkpoint(out).endswith("checkpoint-2")
+    warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert any("checkpoint-4" in w and "corrupted" in w for w in warnings), warnings
+    assert any("checkpoint-3" in w and MARKER in w for w in warnings), warnings
+    assert main(["train", *flags(tiny_model_dir, out, "--resume_from_checkpoint", "latest")]) == 0
+    assert max_diff(adapter(uninterrupted), adapter(out)) <= 1e-6
+    # an explicit path to a corrupted checkpoint is refused, not loaded
+    ckpt2 = out / "checkpoint-2" / "adapter_model.safetensors"
+    ckpt2.write_bytes(ckpt2.read_bytes()[:-7])
+    assert main(["train", *flags(tiny_model_dir, out, "--resume_from_checkpoint", str(out / "checkpoint-2"))]) == 2
+
+
+def test_kill_during_reference_pass(tiny_model_dir, tmp_path, uninterrupted_dpo, monkeypatch):
+    cache = tmp_path / "cache"
+    out = tmp_path / "run"
+    dpo = ["--loss", "dpo", "--save_strategy", "no", "--per_device_eval_batch_size", "4"]
+    for fault in ("reference:2", "reference_write:1"):  # during the pass; cache written, not yet renamed
+        code, err = run_cli(["train", *flags(tiny_model_dir, out, *dpo)],
+                            env={"PREFTUNE_FAULT": fault, "PREFTUNE_REF_CACHE": str(cache)})
+        assert code == -9, err[-2000:]
+        assert not list(cache.glob("*.pt"))  # nothing half-written was published
+    monkeypatch.setenv("PREFTUNE_REF_CACHE", str(cache))
+    assert main(["train", *flags(tiny_model_dir, out, *dpo)]) == 0  # the killed runs left no run behind
+    assert max_diff(adapter(uninterrupted_dpo), adapter(out)) <= 1e-6
+
+
+# ---- output directories ----------------------------------------------------------------------------
+def test_second_run_on_one_output_dir_refuses(tiny_model_dir, tmp_path, uninterrupted, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo")]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty: it holds a cpo run" in err and "4 checkpoints" in err and "--overwrite_output_dir" in err
+    # resuming a CPO checkpoint as a DPO run: refused, the differing keys named
+    assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo", "--lora_r", "8",
+                                 "--resume_from_checkpoint", "latest")]) == 2
+    err = capsys.readouterr().err
+    assert "loss: 'cpo' → 'dpo'" in err and "lora_r: 4 → 8" in err, err
+    # --overwrite_output_dir clears it: nothing of the CPO run is left
+    assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo", "--max_steps", "1", "--save_strategy", "no",
+                                 "--overwrite_output_dir")]) == 0
+    assert not list(out.glob("checkpoint-*"))
+    assert "loss: dpo" in (out / "preftune_config.yaml").read_text()
+    # a directory of other files is never cleared
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    assert main(["train", *flags(tiny_model_dir, other, "--overwrite_output_dir")]) == 2
+    assert "not a preftune run" in capsys.readouterr().err and (other / "thesis.tex").exists()
+
+
+def test_concurrent_run_on_one_output_dir_refuses(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    code = ("import sys, time; from preftune.outputs import lock_output_dir; lock_output_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        out.mkdir()
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"another preftune run is using it \\(pid {holder.pid}\\)"):
+            prepare_output_dir(parse_groups(flags(tiny_model_dir, out)))
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare_output_dir(parse_groups(flags(tiny_model_dir, out)))  # free again once the holder is gone
+
+
+def test_unwritable_output_dir_fails_before_loading(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    targets = [afile / "out"]
+    if os.geteuid() != 0:  # root writes anywhere: a read-only directory only stops other users
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        targets.append(ro / "out")
+    elif Path("/proc").is_dir():
+        targets.append(Path("/proc/preftune-test-out"))
+    for out in targets:
+        # a model path that does not exist: the output directory is checked before anything is loaded
+        assert main(["train", *flags("/nonexistent/model", out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {out} is not writable" in err and "Traceback" not in err, err
+
+
+# ---- the reference cache ---------------------------------------------------------------------------
+def _records(n, offset=0):
+    return "".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" It is {2 * i}.",
+                               "rejected": f" Maybe {i + 7}, or not."}) + "\n" for i in range(offset, offset + n))
+
+
+def test_two_runs_share_the_reference_cache_concurrently(tiny_model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(_records(12))
+    b.write_text(_records(12, offset=6))  # 6 shared pairs, 18 distinct
+    dpo = ["--loss", "dpo", "--save_strategy", "no", "--max_steps", "1", "--per_device_eval_batch_size", "2"]
+    procs = [run_cli(["train", *flags(tiny_model_dir, tmp_path / f"out-{d.stem}", "--dataset", str(d), *dpo)],
+                     env={"PREFTUNE_REF_CACHE": str(cache)}, wait=False) for d in (a, b)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    (cache_file,) = cache.glob("*.pt")
+    assert len(torch.load(cache_file, weights_only=True)) == 18  # both runs' entries, none lost
+    for d in (a, b):
+        step1 = history(tmp_path / f"out-{d.stem}")[0]
+        # policy == reference at step 1 (LoRA B = 0): right reference values give zero rewards
+        assert abs(step1["rewards/chosen"]) < 1e-5 and abs(step1["rewards/rejected"]) < 1e-5, step1
+
+
+def test_reference_cache_loads_no_code(tmp_path, caplog):
+    from preftune.engine.reference import _load_cache
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "cache.pt"
+    torch.save({"k": Evil()}, path)
+    assert _load_cache(path) == {} and not marker.exists()
+    torch.save({"k": [1.0, 2.0]}, path)
+    assert _load_cache(path) == {"k": [1.0, 2.0]}
+    torch.save([1, 2], path)
+    assert _load_cache(path) == {}
+
+
+# ---- the non-finite guard --------------------------------------------------------------------------
+def test_divergence_stops_with_the_guard_message(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *flags(tiny_model_dir, out, "--learning_rate", "1e30")]) == EXIT_NON_FINITE
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite values at step" in err and "records: " in err and "line " in err, err
+    assert "no final model is saved" in err
+    assert not (out / "adapter_model.safetensors").exists()
+    ckpts = sorted(out.glob("checkpoint-*"))
+    if ckpts:  # every checkpoint written is finite, and the message names the newest one
+        assert f"last finite checkpoint: {latest_complete_checkpoint(out)}" in err
+        for ckpt in ckpts:
+            assert all(torch.isfinite(t).all() for t in adapter(ckpt).values())
+            assert all(not (isinstance(v, float) and math.isnan(v)) for h in history(ckpt) for v in h.values())
+    else:
+        assert "no checkpoint was saved" in err
+
+
+class _NanAt:
+    """Wrap ``batch_loss_and_metrics``: the loss of the given training calls becomes NaN."""
+
+    def __init__(self, trainer, calls):
+        self.inner, self.calls, self.n = trainer.batch_loss_and_metrics, set(calls), 0
+
+    def __call__(self, model, batch, *args):
+        loss, metrics = self.inner(model, batch, *args)
+        if model.training:
+            self.n += 1
+            if self.n in self.calls:
+                loss = loss * float("nan")
+        return loss, metrics
+
+
+def test_skip_batch_skips_counts_and_stops(tiny_model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.named_parameters()
+                                               if v.requires_grad}
+
+    run = setup(parse_groups(flags(tiny_model_dir, tmp_path / "skip", "--nan_policy", "skip_batch",
+                                   "--save_strategy", "no")))
+    run.trainer.batch_loss_and_metrics = _NanAt(run.trainer, {2})
+    snaps = Snapshots()
+    run.trainer.add_callback(snaps)
+    metrics = train(run)
+    logs = [h for h in run.trainer.state.log_history if "loss" in h]
+    assert [h["skipped_batches"] for h in logs] == [0, 1, 1, 1]
+    assert math.isnan(logs[1]["loss"])  # the skipped step's loss is shown as it was, never as 0
+    assert all(math.isfinite(h["loss"]) and h["loss"] != 0 for h in (logs[0], logs[2], logs[3]))
+    assert metrics["skipped_batches"] == 1 and math.isfinite(metrics["train_loss"])
+    assert all(torch.equal(snaps.weights[1][k], snaps.weights[2][k]) for k in snaps.weights[1])  # not applied
+    assert any(not torch.equal(snaps.weights[2][k], snaps.weights[3][k]) for k in snaps.weights[2])
+    # nothing non-finite is ever saved: a NaN weight stops the final save
+    name, param = next((n, p) for n, p in run.model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite weights before the final save"):
+        save(run, metrics)
+    assert not (tmp_path / "skip" / "adapter_model.safetensors").exists()
+
+    run = setup(parse_groups(flags(tiny_model_dir, tmp_path / "skip-max", "--nan_policy", "skip_batch",
+                                   "--max_skipped_batches", "1", "--save_strategy", "no")))
+    run.trainer.batch_loss_and_metrics = _NanAt(run.trainer, {2, 3})
+    with pytest.raises(NonFiniteError, match=r"at step 3 .*skipped 2 times, more than --max_skipped_batches 1"):
+        train(run)
+
