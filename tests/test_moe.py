@@ -167,13 +167,30 @@ def smol_tokenizer(request):
     return H.load_tokenizer(cache.mkdir("preftune-smollm2-tokenizer") if cache is not None else None)
 
 
+@pytest.fixture(scope="module")
+def report():
+    """Max |preftune - TRL| per case, printed when the module ends (``pytest -s``; docs/parity.md)."""
+    diffs: dict[str, dict[str, float]] = {}
+    yield diffs
+    print("\n\nTRL 1.16 parity: max |preftune - TRL| over the layouts")
+    print(f"{'case':<34}{'loss':>10}{'metrics':>10}{'aux/grad':>10}")
+    for case, d in diffs.items():
+        cols = [f"{d[k]:10.1e}" if k in d else f"{'-':>10}" for k in ("loss", "metrics", "extra")]
+        print(f"{case:<34}{''.join(cols)}")
+
+
+def _note(report, case, key, diff):
+    report.setdefault(case, {})
+    report[case][key] = max(report[case].get(key, 0.0), float(diff))
+
+
 def _trl_moe(kind, tok, seed=0):
     return tiny_moe(kind, vocab_size=len(tok), seed=seed, pad_token_id=tok.pad_token_id,
                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_cpo_trainer_moe_parity(kind, smol_tokenizer, tmp_path):
+def test_cpo_trainer_moe_parity(kind, smol_tokenizer, tmp_path, report):
     """TRL CPOTrainer: loss = CPO + cpo_alpha * NLL + coef * outputs.aux_loss (it does not log aux_loss;
     its value is read from TRL's own concatenated_forward)."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -196,13 +213,17 @@ def test_cpo_trainer_moe_parity(kind, smol_tokenizer, tmp_path):
         with torch.no_grad():
             loss, metrics = our_trainer.batch_loss_and_metrics(ours, laid)
         where = f"{kind} share_prompt={share_prompt} padding_free={padding_free}"
+        case = f"cpo-sigmoid {kind}"
+        _note(report, case, "loss", abs(float(loss) - float(trl_loss)))
+        _note(report, case, "extra", abs(float(metrics["aux_loss"]) - trl_aux))
         assert abs(float(loss) - float(trl_loss)) <= TOL, (where, float(loss), float(trl_loss))
         assert abs(float(metrics["aux_loss"]) - trl_aux) <= TOL, (where, float(metrics["aux_loss"]), trl_aux)
         for k in H.COMPARED + ("nll_loss",):
+            _note(report, case, "metrics", abs(float(metrics[k]) - trl_metrics[k]))
             assert abs(float(metrics[k]) - trl_metrics[k]) <= TOL, (where, k)
 
 
-def test_dpo_trainer_moe_parity_logs_aux_loss(smol_tokenizer, tmp_path):
+def test_dpo_trainer_moe_parity_logs_aux_loss(smol_tokenizer, tmp_path, report):
     """TRL DPOTrainer (1.16) adds coef * aux to the loss and logs ``aux_loss``; so does preftune."""
     from trl import DPOConfig, DPOTrainer
 
@@ -228,7 +249,11 @@ def test_dpo_trainer_moe_parity_logs_aux_loss(smol_tokenizer, tmp_path):
         ours.train()
         with torch.no_grad():
             loss, metrics = our_trainer.batch_loss_and_metrics(ours, laid)
+        case = "dpo-sigmoid mixtral"
+        _note(report, case, "loss", abs(float(loss) - float(trl_loss)))
+        _note(report, case, "extra", abs(float(metrics["aux_loss"]) - trl_metrics["aux_loss"]))
         assert abs(float(loss) - float(trl_loss)) <= TOL
         assert abs(float(metrics["aux_loss"]) - trl_metrics["aux_loss"]) <= TOL
         for k in H.COMPARED:
+            _note(report, case, "metrics", abs(float(metrics[k]) - trl_metrics[k]))
             assert abs(float(metrics[k]) - trl_metrics[k]) <= TOL, k

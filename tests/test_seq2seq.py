@@ -221,6 +221,23 @@ def short_dataset():
     return Dataset.from_list(SHORT)
 
 
+@pytest.fixture(scope="module")
+def report():
+    """Max |preftune - TRL| per case, printed when the module ends (``pytest -s``; docs/parity.md)."""
+    diffs: dict[str, dict[str, float]] = {}
+    yield diffs
+    print("\n\nTRL 1.16 parity: max |preftune - TRL| over the layouts")
+    print(f"{'case':<34}{'loss':>10}{'metrics':>10}{'aux/grad':>10}")
+    for case, d in diffs.items():
+        cols = [f"{d[k]:10.1e}" if k in d else f"{'-':>10}" for k in ("loss", "metrics", "extra")]
+        print(f"{case:<34}{''.join(cols)}")
+
+
+def _note(report, case, key, diff):
+    report.setdefault(case, {})
+    report[case][key] = max(report[case].get(key, 0.0), float(diff))
+
+
 def pairs_from_seq2seq_batch(batch) -> list[TokenizedPair]:
     """TRL's encoder–decoder batch (``prompt_input_ids`` + mask, ``{chosen,rejected}_labels`` padded
     with -100) as pairs of the very same token ids."""
@@ -248,7 +265,7 @@ def _trl_model(model_type):
 
 @pytest.mark.parametrize("model_type,case", [("t5", "cpo-sigmoid"), ("t5", "simpo"), ("t5", "cpo-simpo"),
                                              ("bart", "cpo-sigmoid")])
-def test_cpo_trainer_encoder_decoder_parity(model_type, case, tmp_path):
+def test_cpo_trainer_encoder_decoder_parity(model_type, case, tmp_path, report):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     tok, base = _trl_model(model_type)
@@ -273,19 +290,24 @@ def test_cpo_trainer_encoder_decoder_parity(model_type, case, tmp_path):
             logps = sequence_logps(ours, laid, chunk_size=32)
             out = compute_loss(logps, LossArguments(**loss_kwargs))
             loss = out.losses.mean()
+        name = f"{case} {model_type}"
+        _note(report, name, "loss", abs(float(loss) - float(trl_loss)))
         assert abs(float(loss) - float(trl_loss)) <= TOL, (layout, float(loss), float(trl_loss))
         metrics = preference_metrics(logps, out)
         for k in H.COMPARED + ("nll_loss",):
+            _note(report, name, "metrics", abs(float(metrics[k]) - trl_metrics[k]))
             assert abs(float(metrics[k]) - trl_metrics[k]) <= TOL, (layout, k, float(metrics[k]), trl_metrics[k])
         if grads:
             loss.backward()
             mine = [q.grad if q.grad is not None else torch.zeros_like(q) for q in ours.parameters()]
             scale = max(g.abs().max() for g in trl_grads)
-            assert max((a - b).abs().max() for a, b in zip(mine, trl_grads)) <= 1e-5 * scale, layout
+            worst = max((a - b).abs().max() for a, b in zip(mine, trl_grads))
+            _note(report, name, "extra", worst / scale)
+            assert worst <= 1e-5 * scale, layout
 
 
 @pytest.mark.parametrize("model_type", ["t5", "bart"])
-def test_orpo_trainer_encoder_decoder_parity(model_type, tmp_path):
+def test_orpo_trainer_encoder_decoder_parity(model_type, tmp_path, report):
     """ORPOTrainer encoder–decoder: its NLL is the chosen labels' batch token-mean (no prompt tokens
     here); preftune's default NLL is the paper's per-sequence mean, and the documented escape hatch
     (nll_logps / nll_lengths = chosen sums / lengths) gives TRL's loss exactly."""
@@ -306,8 +328,10 @@ def test_orpo_trainer_encoder_decoder_parity(model_type, tmp_path):
         out = compute_loss(logps, LossArguments(loss="orpo", beta=0.1))
         metrics = preference_metrics(logps, out)
         for k in keys:
+            _note(report, f"orpo {model_type}", "metrics", abs(float(metrics[k]) - trl_metrics[k]))
             assert abs(float(metrics[k]) - trl_metrics[k]) <= TOL, (layout, k)
         trl_style = orpo_loss(logps, beta=0.1, nll_logps=logps.chosen_logps, nll_lengths=logps.chosen_lengths)
+        _note(report, f"orpo {model_type}", "loss", abs(float(trl_style.losses.mean()) - float(trl_loss)))
         assert abs(float(trl_style.losses.mean()) - float(trl_loss)) <= TOL, layout
         assert abs(float(trl_style.metrics["nll_loss"]) - trl_metrics["nll_loss"]) <= TOL, layout
         # the odds-ratio term alone is TRL's whatever the NLL convention
