@@ -26,8 +26,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from preftune.config import ConfigError, EngineArguments, LossArguments, resolve_reference_options
 from preftune.engine.layout import collate_pairs
 from preftune.engine.logprobs import sequence_logps
-from preftune.guard import GuardedTrainerMixin
 from preftune.engine.rewards import sequence_rewards
+from preftune.guard import GuardedTrainerMixin
 from preftune.losses import compute_loss as loss_from_table
 from preftune.outputs import CrashSafeCheckpointMixin
 from preftune.types import PolicyLogps, TokenizedPair
