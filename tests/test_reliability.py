@@ -61,56 +61,58 @@ def history(out):
     return json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
 
 
+DPO = ["--loss", "dpo", "--per_device_eval_batch_size", "4"]  # reference pass: 4 batches of 4 pairs
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
-    """A 4-step CPO run with a checkpoint after every step."""
-    out = tmp_path_factory.mktemp("reliability") / "full"
-    assert main(["train", *flags(tiny_model_dir, out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_dpo(tiny_model_dir, tmp_path_factory):
-    base = tmp_path_factory.mktemp("reliability-dpo")
-    out = base / "full"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFTUNE_REF_CACHE", str(base / "cache"))
-    try:
-        assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo", "--save_strategy", "no")]) == 0
-    finally:
-        mp.undo()
-    return out
+    """A 4-step DPO run (reference log-probs precomputed) with a checkpoint after every step."""
+    base = tmp_path_factory.mktemp("reliability")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFTUNE_REF_CACHE", str(base / "cache"))
+        assert main(["train", *flags(tiny_model_dir, base / "full", *DPO)]) == 0
+    return base / "full"
 
 
 # ---- kill -9, then resume --------------------------------------------------------------------------
-def test_killed_three_times_then_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, uninterrupted):
-    """One run killed at three points in a row, each time resumed from `latest`."""
-    out = tmp_path / "run"
+def test_killed_five_times_then_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, uninterrupted):
+    """One DPO run killed (SIGKILL) at five points in a row, each time restarted or resumed from `latest`."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["train", *flags(tiny_model_dir, out, *DPO)]
     resume = ["--resume_from_checkpoint", "latest"]
-    # 1. during step 2: after its backward, before its optimiser step
-    code, err = run_cli(["train", *flags(tiny_model_dir, out)], env={"PREFTUNE_FAULT": "step:2"})
-    assert code == -9, err[-2000:]
+
+    def killed_at(fault, *extra):
+        code, err = run_cli(argv + list(extra), env={"PREFTUNE_FAULT": fault, "PREFTUNE_REF_CACHE": str(cache)})
+        assert code == -9, err[-3000:]
+
+    # 1-2. during the reference pass (after its 2nd batch), then with the cache written but not renamed:
+    # nothing half-written is published, and the directory holds no run (a plain restart is allowed)
+    for fault in ("reference:2", "reference_write:1"):
+        killed_at(fault)
+        assert not list(cache.glob("*.pt")) and [p.name for p in out.iterdir()] == [".preftune.lock"]
+    # 3. during step 2: after its backward, before its optimiser step
+    killed_at("step:2")
     assert latest_complete_checkpoint(out).endswith("checkpoint-1") and not (out / "checkpoint-2").exists()
-    assert main(["train", *flags(tiny_model_dir, out)]) == 2  # a fresh run refuses the directory
-    # 2. resumed at 1; killed while writing checkpoint-3 (written, not yet renamed into place)
-    code, err = run_cli(["train", *flags(tiny_model_dir, out, *resume)], env={"PREFTUNE_FAULT": "checkpoint_write:2"})
-    assert code == -9, err[-2000:]
+    assert main(argv) == 2  # a fresh run now refuses the directory
+    # 4. resumed at 1; killed while writing checkpoint-3 (written, not yet renamed into place)
+    killed_at("checkpoint_write:2", *resume)
     assert (out / ".partial-checkpoint-3").is_dir() and not (out / "checkpoint-3").exists()
     assert latest_complete_checkpoint(out).endswith("checkpoint-2")
-    # 3. resumed at 2; killed with the final files staged, not yet moved into place
-    code, err = run_cli(["train", *flags(tiny_model_dir, out, *resume)], env={"PREFTUNE_FAULT": "final_save:1"})
-    assert code == -9, err[-2000:]
+    # 5. resumed at 2; killed with the final files staged, not yet moved into place
+    killed_at("final_save:1", *resume)
     assert latest_complete_checkpoint(out).endswith("checkpoint-4")
     assert not (out / "adapter_model.safetensors").exists()
-    # 4. resumed at 4: nothing left to train, the final save completes
-    assert main(["train", *flags(tiny_model_dir, out, *resume)]) == 0
+    # resumed at 4: nothing left to train, the final save completes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFTUNE_REF_CACHE", str(cache))
+        assert main(argv + resume) == 0
     assert max_diff(adapter(uninterrupted), adapter(out)) <= 1e-6
     assert verify_complete(out) is None and not list(out.glob(".partial-*"))
     assert [h["loss"] for h in history(out) if "loss" in h] == pytest.approx(
         [h["loss"] for h in history(uninterrupted) if "loss" in h], abs=1e-6)
 
 
-def test_corrupted_newest_checkpoint_falls_back(tiny_model_dir, tmp_path, uninterrupted, caplog):
+def test_corrupted_newest_checkpoint_falls_back(tiny_model_dir, tmp_path, uninterrupted, caplog, capsys):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     for name in ("adapter_model.safetensors", "trainer_state.json", MARKER):
@@ -125,45 +127,31 @@ def test_corrupted_newest_checkpoint_falls_back(tiny_model_dir, tmp_path, uninte
     warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert any("checkpoint-4" in w and "corrupted" in w for w in warnings), warnings
     assert any("checkpoint-3" in w and MARKER in w for w in warnings), warnings
-    assert main(["train", *flags(tiny_model_dir, out, "--resume_from_checkpoint", "latest")]) == 0
+    assert main(["train", *flags(tiny_model_dir, out, *DPO, "--resume_from_checkpoint", "latest")]) == 0
     assert max_diff(adapter(uninterrupted), adapter(out)) <= 1e-6
     # an explicit path to a corrupted checkpoint is refused, not loaded
     ckpt2 = out / "checkpoint-2" / "adapter_model.safetensors"
     ckpt2.write_bytes(ckpt2.read_bytes()[:-7])
-    assert main(["train", *flags(tiny_model_dir, out, "--resume_from_checkpoint", str(out / "checkpoint-2"))]) == 2
-
-
-def test_kill_during_reference_pass(tiny_model_dir, tmp_path, uninterrupted_dpo, monkeypatch):
-    cache = tmp_path / "cache"
-    out = tmp_path / "run"
-    dpo = ["--loss", "dpo", "--save_strategy", "no", "--per_device_eval_batch_size", "4"]
-    for fault in ("reference:2", "reference_write:1"):  # during the pass; cache written, not yet renamed
-        code, err = run_cli(["train", *flags(tiny_model_dir, out, *dpo)],
-                            env={"PREFTUNE_FAULT": fault, "PREFTUNE_REF_CACHE": str(cache)})
-        assert code == -9, err[-2000:]
-        assert not list(cache.glob("*.pt"))  # nothing half-written was published
-    monkeypatch.setenv("PREFTUNE_REF_CACHE", str(cache))
-    assert main(["train", *flags(tiny_model_dir, out, *dpo)]) == 0  # the killed runs left no run behind
-    assert max_diff(adapter(uninterrupted_dpo), adapter(out)) <= 1e-6
+    assert main(["train", *flags(tiny_model_dir, out, *DPO, "--resume_from_checkpoint", str(out / "checkpoint-2"))]) == 2
+    assert "corrupted checkpoint (adapter_model.safetensors has" in capsys.readouterr().err
 
 
 # ---- output directories ----------------------------------------------------------------------------
 def test_second_run_on_one_output_dir_refuses(tiny_model_dir, tmp_path, uninterrupted, capsys):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo")]) == 2
+    assert main(["train", *flags(tiny_model_dir, out)]) == 2
     err = capsys.readouterr().err
-    assert "is not empty: it holds a cpo run" in err and "4 checkpoints" in err and "--overwrite_output_dir" in err
-    # resuming a CPO checkpoint as a DPO run: refused, the differing keys named
-    assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo", "--lora_r", "8",
-                                 "--resume_from_checkpoint", "latest")]) == 2
+    assert "is not empty: it holds a dpo run" in err and "4 checkpoints" in err and "--overwrite_output_dir" in err
+    # resuming a DPO checkpoint as a CPO run: refused, the differing keys named
+    assert main(["train", *flags(tiny_model_dir, out, "--lora_r", "8", "--resume_from_checkpoint", "latest")]) == 2
     err = capsys.readouterr().err
-    assert "loss: 'cpo' → 'dpo'" in err and "lora_r: 4 → 8" in err, err
-    # --overwrite_output_dir clears it: nothing of the CPO run is left
-    assert main(["train", *flags(tiny_model_dir, out, "--loss", "dpo", "--max_steps", "1", "--save_strategy", "no",
+    assert "loss: 'dpo' → 'cpo'" in err and "lora_r: 4 → 8" in err, err
+    # --overwrite_output_dir clears it: nothing of the DPO run is left
+    assert main(["train", *flags(tiny_model_dir, out, "--max_steps", "1", "--save_strategy", "no",
                                  "--overwrite_output_dir")]) == 0
     assert not list(out.glob("checkpoint-*"))
-    assert "loss: dpo" in (out / "preftune_config.yaml").read_text()
+    assert "loss: cpo" in (out / "preftune_config.yaml").read_text()
     # a directory of other files is never cleared
     other = tmp_path / "notes"
     other.mkdir()
