@@ -9,6 +9,11 @@ Two sources (read-only, ``../shared/data`` relative to the repository root):
   the reference (:class:`preftune.mt.scorers.ChrfScorer`); chosen = best, rejected = worst
   (:func:`preftune.mt.triplets.triplets_to_preference_records`).
 
+* ``hh-long``: pairs that fill ``max_length`` (the length sweep): prompt = HH-RLHF prompts
+  concatenated and cut to ``max_length / 2`` tokens, chosen and rejected = the chosen (rejected)
+  responses of many records concatenated and cut to ``max_length / 4`` tokens each (decoded back
+  to text), so ``[P C] = [P R] = 3/4 max_length`` and the shared-prompt unit ``[P C R] = max_length``.
+
 Each record is tokenised and truncated by preftune (:func:`preftune.data.tokenize_records`,
 ``max_length`` / ``max_prompt_length``); the first ``n_pairs`` kept pairs are the benchmark set.
 preftune reads the normalised records from a JSON-lines file (standard format) and re-tokenises
@@ -53,6 +58,31 @@ def _wmt_records(limit: int) -> tuple[list[dict], dict]:
                                           cpo_scorer="chrf", chat_style=False)
 
 
+def _long_records(n_pairs: int, max_length: int, data_args, tok) -> list[dict]:
+    """``n_pairs`` records of ``max_length / 2`` prompt and ``max_length / 4`` + ``max_length / 4``
+    completion tokens, cut from concatenated HH-RLHF texts (cycled when the file runs out)."""
+    base = _hh_records(2000, data_args)
+    streams = {}
+    for key in ("prompt", "chosen", "rejected"):
+        ids: list[int] = []
+        need = n_pairs * max_length // (2 if key == "prompt" else 4) + 64
+        i = 0
+        while len(ids) < need:
+            ids += tok(base[i % len(base)][key].strip() + "\n\n", add_special_tokens=False)["input_ids"]
+            i += 1
+        streams[key] = ids
+    out = []
+    for k in range(n_pairs):
+        rec = {}
+        # a few tokens left for "\n\nAssistant:" and the EOS, so that [P C R] is about max_length
+        for key, n in (("prompt", max_length // 2 - 6), ("chosen", max_length // 4 - 2),
+                       ("rejected", max_length // 4 - 2)):
+            rec[key] = tok.decode(streams[key][k * n:(k + 1) * n])
+        rec["prompt"] = rec["prompt"].rstrip() + "\n\nAssistant:"
+        out.append(rec)
+    return out
+
+
 def prepare(dataset: str, n_pairs: int, out_dir: Path, *, max_length: int = 512,
             max_prompt_length: int = 256) -> dict:
     """Select the first ``n_pairs`` pairs preftune keeps and write them for both tools.
@@ -71,11 +101,13 @@ def prepare(dataset: str, n_pairs: int, out_dir: Path, *, max_length: int = 512,
     extra: dict = {}
     if dataset == "hh":
         records = _hh_records(max(4 * n_pairs, 64), data_args)
+    elif dataset == "hh-long":
+        records = _long_records(n_pairs, max_length, data_args, tok)
     elif dataset == "wmt":
         records, stats = _wmt_records(max(2 * n_pairs, 32))
         extra["triplet_stats"] = {k: stats[k] for k in ("records", "pairs", "skipped", "chosen_by", "rejected_by")}
     else:
-        raise ValueError(f"unknown benchmark dataset {dataset!r} (hh or wmt)")
+        raise ValueError(f"unknown benchmark dataset {dataset!r} (hh, hh-long or wmt)")
     chosen_records, pairs_out, cut = [], [], 0
     for rec in records:
         pairs, stats = tokenize_records([rec], tok, data_args)

@@ -110,10 +110,14 @@ def _padded_tokens(inputs) -> int:
 
 
 def _common_training_kwargs(spec: dict, out_dir: str) -> dict:
-    return dict(output_dir=out_dir, per_device_train_batch_size=spec["batch"], max_steps=spec["warmup"] + spec["steps"],
-                learning_rate=5e-6, logging_steps=1000, save_strategy="no", report_to="none", seed=0,
-                train_sampling_strategy="sequential", dataloader_num_workers=0, bf16=False, fp16=False,
-                activation_checkpointing=spec["checkpointing"], disable_tqdm=True, remove_unused_columns=False)
+    """``spec["checkpointing"]``: True / False, or None for the tool's default (TRL: on)."""
+    kwargs = dict(output_dir=out_dir, per_device_train_batch_size=spec["batch"],
+                  max_steps=spec["warmup"] + spec["steps"], learning_rate=5e-6, logging_steps=1000, save_strategy="no",
+                  report_to="none", seed=0, train_sampling_strategy="sequential", dataloader_num_workers=0, bf16=False,
+                  fp16=False, disable_tqdm=True, remove_unused_columns=False)
+    if spec["checkpointing"] is not None:
+        kwargs["activation_checkpointing"] = spec["checkpointing"]
+    return kwargs
 
 
 def build_preftune(spec: dict, out_dir: str):
@@ -126,18 +130,20 @@ def build_preftune(spec: dict, out_dir: str):
             "--max_prompt_length", str(spec["max_prompt_length"]), "--output_dir", out_dir,
             "--per_device_train_batch_size", str(spec["batch"]), "--max_steps", str(spec["warmup"] + spec["steps"]),
             "--learning_rate", "5e-6", "--logging_steps", "1000", "--save_strategy", "no", "--report_to", "none",
-            "--seed", "0", "--train_sampling_strategy", "sequential", "--disable_tqdm", "true",
-            "--activation_checkpointing", "true" if spec["checkpointing"] else "false"]
+            "--seed", "0", "--train_sampling_strategy", "sequential", "--disable_tqdm", "true"]
+    if spec["checkpointing"] is not None:  # None: preftune's default (layers checkpointed from the memory budget)
+        argv += ["--activation_checkpointing", "true" if spec["checkpointing"] else "false"]
     if spec["lora"]:
-        argv += ["--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0"]
+        argv += ["--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", str(spec.get("lora_dropout", 0.0))]
+    argv += list(spec.get("preftune_args", []))
     run = setup(parse_groups(argv))
     return run.trainer, [p for p in run.trainer.train_dataset.pairs]
 
 
-def _lora_config():
+def _lora_config(dropout: float = 0.0):
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
                       task_type="CAUSAL_LM", bias="none")
 
 
@@ -160,7 +166,7 @@ def build_trl(spec: dict, out_dir: str):
     pairs = json.loads(Path(spec["pairs_file"]).read_text())
     data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     common = _common_training_kwargs(spec, out_dir)
-    peft_config = _lora_config() if spec["lora"] else None
+    peft_config = _lora_config(spec.get("lora_dropout", 0.0)) if spec["lora"] else None
     if spec["tool"] == "trl-cpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -221,6 +227,7 @@ def run_train(spec: dict) -> dict:
         reset_peak_rss()
         trainer.train()
         peak = peak_rss_mb()
+        layers = _checkpointed_layers(trainer.model)
     b = spec["batch"]
     out = {"setup_s": setup_s, "step_s": rec.times, "cpu_s": rec.cpu, "loadavg": os.getloadavg(), "losses": rec.losses, "real_tokens": rec.real,
            "padded_tokens": rec.padded,
@@ -228,10 +235,18 @@ def run_train(spec: dict) -> dict:
            "unique_tokens": [sum(unique[i * b:(i + 1) * b]) for i in range(len(rec.times))],
            "rss_before_train_mb": rss_before, "rss_after_warmup_mb": getattr(rec, "rss_after_warmup", None),
            "peak_rss_train_mb": peak, "n_params": n_params, "token_check": check,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "checkpointed_layers": layers}
     if rec.profile is not None:
         out["profile"] = profile_table(rec.profile)
     return out
+
+
+def _checkpointed_layers(model) -> list[int]:
+    """[checkpointed, total] decoder layers at the end of training (preftune: of its last step)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers), len(layers)]
 
 
 def profile_table(prof, top: int = 15) -> list[dict]:

@@ -76,6 +76,25 @@ def synthetic_pairs(batch: int, max_length: int, vocab: int, seed: int = 0):
     return [TokenizedPair(ids(lp), ids(lc), ids(lc)) for _ in range(batch)]
 
 
+def unfuse_lora_dropout(model) -> int:
+    """Back to peft's LoRA dropout (``nn.Dropout`` then ``nn.Linear``), for before/after measurements."""
+    from torch import nn
+
+    from preftune.lora_dropout import DropoutLinear
+
+    n = 0
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict):
+            continue
+        for name, a in lora_a.items():
+            if isinstance(a, DropoutLinear):
+                module.lora_dropout[name] = nn.Dropout(a.dropout_p)
+                a.__class__ = nn.Linear
+                n += 1
+    return n
+
+
 LAYOUTS = {"shared": (True, True), "shared-padded": (True, False), "packed": (False, True), "plain": (False, False)}
 
 
@@ -110,7 +129,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="shared")
     p.add_argument("--lora_dropout", type=float, default=None, help="Default: PeftArguments' default.")
-    p.add_argument("--attention", default=None, help="EngineArguments.attention (when the engine has it).")
+    p.add_argument("--packed_attention", default="blockwise", choices=["blockwise", "mask"])
+    p.add_argument("--max_activation_memory_gb", type=float, default=float("inf"),
+                   help="The engine's budget (default here: inf, no automatic checkpointing).")
+    p.add_argument("--malloc_trim", default="true", choices=["true", "false"], help="The engine's heap trimming.")
+    p.add_argument("--peft_dropout", action="store_true",
+                   help="Undo preftune's fused LoRA dropout (peft's nn.Dropout + lora_A, as before).")
     p.add_argument("--backward", action="store_true", help="Also run the backward; report peak RSS.")
     p.add_argument("--checkpointing", action="store_true", help="Activation checkpointing of the decoder layers.")
     p.add_argument("--mmap_threshold_kb", type=int, default=None,
@@ -138,8 +162,12 @@ def main(argv=None) -> dict:
         from preftune.models import prepare_for_gradient_checkpointing
 
         prepare_for_gradient_checkpointing(model)
-    if args.attention is not None:
-        model._preftune_attention = args.attention  # read by engine/kinds/causal.py when supported
+    from preftune.engine.options import configure_engine
+
+    configure_engine(model, packed_attention=args.packed_attention, malloc_trim=args.malloc_trim == "true",
+                     max_activation_memory_gb=args.max_activation_memory_gb)
+    if args.peft_dropout:
+        unfuse_lora_dropout(model)
     cfg = model.config
     share, pf = LAYOUTS[args.layout]
     pairs = synthetic_pairs(args.batch, args.max_length, cfg.vocab_size)
@@ -188,7 +216,7 @@ def main(argv=None) -> dict:
             examples[kind].add(f"{re.sub(r'layers[.][0-9]+[.]', 'layers.N.', path)} {tuple(x.shape)} {x.dtype}")
         return x
 
-    if args.trim:
+    if args.trim:  # the older experiment: trim with full backward hooks (heavier than the engine's)
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
@@ -210,7 +238,9 @@ def main(argv=None) -> dict:
         h.remove()
     res = {"max_length": args.max_length, "batch": args.batch, "layout": args.layout, "rows": rows, "T": t,
            "tokens": rows * t, "real_tokens": int((batch["segment_ids"] >= 0).sum()),
-           "lora_dropout": peft_args.lora_dropout, "attention": args.attention, "checkpointing": args.checkpointing,
+           "lora_dropout": peft_args.lora_dropout, "packed_attention": args.packed_attention,
+           "peft_dropout": args.peft_dropout, "malloc_trim": args.malloc_trim,
+           "max_activation_memory_gb": args.max_activation_memory_gb, "checkpointing": args.checkpointing,
            "mmap_threshold_kb": args.mmap_threshold_kb, "trim": args.trim,
            "threads": torch.get_num_threads(), "forward_s": fwd_s, "forward_cpu_s": fwd_cpu,
            "weights_mb": weights_bytes / 2**20, "trainable_mb": trainable_bytes / 2**20,
@@ -225,6 +255,7 @@ def main(argv=None) -> dict:
         res["backward_s"], res["backward_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         res["peak_rss_step_mb"] = _status_kb("VmHWM") / 1024
         res["malloc_after_backward"] = malloc_stats_mb()
+    res["checkpointed_layers"] = getattr(model, "_preftune_checkpointed_layers", None)
     del out, loss
     line = json.dumps(res)
     print(line)

@@ -28,7 +28,8 @@ def dense_attention(q, k, v, mask):
 
 @pytest.mark.parametrize("share_prompt,padding_free", LAYOUTS)
 @pytest.mark.parametrize("block_q", [None, 8])
-def test_block_attention_equals_dense_masked_attention(share_prompt, padding_free, block_q):
+@pytest.mark.parametrize("flash", [True, False], ids=["fused-cpu-kernel", "plain-pytorch"])
+def test_block_attention_equals_dense_masked_attention(share_prompt, padding_free, block_q, flash):
     """Output and gradients of q, k, v equal dense SDPA under the layout's 4-D mask (float64)."""
     pairs = pairs_of([(20, 9, 14), (5, 30, 3), (40, 2, 2), (11, 11, 11)])
     batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free, max_tokens_per_batch=70)
@@ -36,7 +37,8 @@ def test_block_attention_equals_dense_masked_attention(share_prompt, padding_fre
     mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=True)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(rows, h, t, 8, dtype=torch.float64, generator=gen).requires_grad_() for h in (6, 2, 2))
-    layout = build_block_layout(batch["segment_ids"], batch["branch_ids"], batch["position_ids"], 6, block_q=block_q)
+    layout = build_block_layout(batch["segment_ids"], batch["branch_ids"], batch["position_ids"], 6, block_q=block_q,
+                                flash=flash)
     out = block_attention(q, k, v, layout)
     ref = dense_attention(q, k, v, mask)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
@@ -49,7 +51,8 @@ def test_block_attention_equals_dense_masked_attention(share_prompt, padding_fre
         assert any(not isinstance(keys, slice) for blocks in layout.blocks for _, _, keys in blocks)
 
 
-def test_block_attention_sliding_window():
+@pytest.mark.parametrize("flash", [True, False], ids=["fused-cpu-kernel", "plain-pytorch"])
+def test_block_attention_sliding_window(flash):
     """A key is seen when pos_q - pos_k < window, in the logical positions (restarted for rejected)."""
     batch = collate_pairs(pairs_of([(12, 6, 5), (4, 3, 9)]), share_prompt=True, padding_free=True)
     rows, t = batch["input_ids"].shape
@@ -58,7 +61,7 @@ def test_block_attention_sliding_window():
     mask = mask & ((pos[:, :, None] - pos[:, None, :]) < 4)[:, None]
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(rows, 2, t, 4, dtype=torch.float64, generator=gen) for _ in range(3))
-    layout = build_block_layout(batch["segment_ids"], batch["branch_ids"], pos, 2)
+    layout = build_block_layout(batch["segment_ids"], batch["branch_ids"], pos, 2, flash=flash)
     torch.testing.assert_close(block_attention(q, k, v, layout, window=4), dense_attention(q, k, v, mask))
 
 

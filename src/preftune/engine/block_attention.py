@@ -17,6 +17,14 @@ Alg. 2) in plain PyTorch, one block of ``block_q`` queries at a time:
 * backward, per block: ``P = exp(S − L)`` recomputed, ``dV += Pᵀ dO``, ``dP = dO Vᵀ``,
   ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``.
 
+On CPU each block runs in PyTorch's fused flash-attention kernel for CPU
+(``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward, which return and take
+the log-sum-exp), with an additive mask of that block only (at most 2^22 entries, built from the
+ids and freed after the call); elsewhere, or when the op is missing, the algorithm above runs in
+plain PyTorch. Measured here, forward + backward of one SmolLM2 layer's attention, 2 rows × 1024
+(2048) tokens of the shared-prompt layout, CPU seconds: 0.65 (1.89) with the fused kernel per
+block, 0.91 (2.25) in plain PyTorch, 0.71 (2.84) for SDPA with the full 4-D mask.
+
 Saved for the backward: ``Q``, ``K``, ``V`` (grouped-query heads *not* repeated), ``O`` (the very
 tensor returned, which the output projection saves too) and ``L`` (one float per head and token).
 Key blocks that no query of a block can see (other units of the row, the chosen branch for a
@@ -33,8 +41,23 @@ import torch
 
 from preftune.engine.layout import SHARED
 
-#: scores per block (heads × block_q × keys) before the block is split further: 2^23 floats
+#: scores per block (heads × block_q × keys) of the plain-PyTorch path: 2^23 floats
 BLOCK_ELEMENTS = 2 ** 23
+#: mask entries per block (block_q × keys) of the fused CPU path: 2^22 floats (16 MiB)
+FLASH_MASK_ELEMENTS = 2 ** 22
+
+
+def _flash_ops():
+    """The fused CPU flash-attention forward / backward ops, or None when this torch lacks them."""
+    try:
+        return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def use_flash(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu" and _flash_ops() is not None
 
 
 @dataclass
@@ -50,6 +73,7 @@ class BlockLayout:
     branch_ids: torch.Tensor
     position_ids: torch.Tensor
     block_q: int
+    flash: bool = False  # blocks run in the fused CPU kernel
     blocks: list[list[tuple[int, int, Union[slice, torch.Tensor]]]] = field(default_factory=list)
     calls: int = 0  # attention calls served (a check that the model passed the layout through)
 
@@ -69,18 +93,23 @@ def _allowed(layout: BlockLayout, r: int, qs: int, qe: int, keys, window: Option
 
 
 def build_block_layout(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor,
-                       num_heads: int, block_q: Optional[int] = None) -> BlockLayout:
+                       num_heads: int, block_q: Optional[int] = None, flash: Optional[bool] = None) -> BlockLayout:
     """Split every row into query blocks and find the keys each block sees.
 
-    ``block_q`` (default: about :data:`BLOCK_ELEMENTS` scores per block for ``num_heads`` heads,
-    between 64 and ``T`` queries). A block's keys run from the start of the unit of its first query
-    to its last query; a run of keys no query of the block sees (the chosen branch, seen from a
-    rejected block) is cut out when it is at least a quarter of that range.
+    ``flash`` (default: on CPU when the op exists): blocks run in the fused CPU kernel.
+    ``block_q`` (default: about :data:`FLASH_MASK_ELEMENTS` mask entries per block, or with the
+    plain-PyTorch path :data:`BLOCK_ELEMENTS` scores for ``num_heads`` heads; between 64 and ``T``
+    queries). A block's keys run from the start of the unit of its first query to its last query;
+    a run of keys no query of the block sees (the chosen branch, seen from a rejected block) is cut
+    out when it is at least a quarter of that range.
     """
     rows, t = segment_ids.shape
+    if flash is None:
+        flash = use_flash(segment_ids.device)
     if block_q is None:
-        block_q = max(64, min(t, BLOCK_ELEMENTS // max(1, num_heads * t)))
-    layout = BlockLayout(segment_ids, branch_ids, position_ids, block_q)
+        per = FLASH_MASK_ELEMENTS // max(1, t) if flash else BLOCK_ELEMENTS // max(1, num_heads * t)
+        block_q = max(64, min(t, per))
+    layout = BlockLayout(segment_ids, branch_ids, position_ids, block_q, flash)
     seg_cpu = segment_ids.cpu()
     for r in range(rows):
         seg = seg_cpu[r]
@@ -107,9 +136,73 @@ def _take(x: torch.Tensor, keys) -> torch.Tensor:
     return x[:, keys] if isinstance(keys, slice) else x.index_select(1, keys)
 
 
+def _block_mask(layout: BlockLayout, r: int, qs: int, qe: int, keys, window, dtype) -> torch.Tensor:
+    """``(1, 1, n, W)`` additive mask (0 / -inf) of one block, for the fused kernel."""
+    ok = _allowed(layout, r, qs, qe, keys, window)
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, -math.inf)[None, None]
+
+
+def _take_heads(x: torch.Tensor, keys) -> torch.Tensor:
+    """``(1, H, T, D)`` → ``(1, H, W, D)`` at ``keys``."""
+    return x[:, :, keys] if isinstance(keys, slice) else x.index_select(2, keys)
+
+
+def _flash_forward(q, k, v, layout: BlockLayout, scale: float, window):
+    fwd, _ = _flash_ops()
+    rows, hq, t, d = q.shape
+    rep = hq // k.shape[1]
+    out = q.new_empty(rows, t, hq, d)
+    lse = torch.empty(rows, hq, t, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    for r in range(rows):
+        kr, vr = k[r:r + 1].repeat_interleave(rep, 1), v[r:r + 1].repeat_interleave(rep, 1)
+        for qs, qe, keys in layout.blocks[r]:
+            mask = _block_mask(layout, r, qs, qe, keys, window, q.dtype)
+            o, lb = fwd(q[r:r + 1, :, qs:qe], _take_heads(kr, keys), _take_heads(vr, keys), 0.0, False,
+                        attn_mask=mask, scale=scale)
+            out[r, qs:qe] = o[0].transpose(0, 1)
+            lse[r, :, qs:qe] = lb[0]
+    return out, lse
+
+
+def _flash_backward(dout, q, k, v, out, lse, layout: BlockLayout, scale: float, window):
+    _, bwd = _flash_ops()
+    rows, hq, t, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    acc = lse.dtype
+    dq = torch.empty(rows, hq, t, d, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
+    dv = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
+    for r in range(rows):
+        kr, vr = k[r:r + 1].repeat_interleave(rep, 1), v[r:r + 1].repeat_interleave(rep, 1)
+        for qs, qe, keys in layout.blocks[r]:
+            mask = _block_mask(layout, r, qs, qe, keys, window, q.dtype)
+            gq, gk, gv = bwd(dout[r:r + 1, qs:qe].transpose(1, 2), q[r:r + 1, :, qs:qe], _take_heads(kr, keys),
+                             _take_heads(vr, keys), out[r:r + 1, qs:qe].transpose(1, 2),
+                             lse[r:r + 1, :, qs:qe].contiguous(), 0.0, False, attn_mask=mask, scale=scale)
+            dq[r, :, qs:qe] = gq[0]
+            w = gk.shape[2]
+            gk = gk[0].view(hkv, rep, w, d).sum(1, dtype=acc)
+            gv = gv[0].view(hkv, rep, w, d).sum(1, dtype=acc)
+            if isinstance(keys, slice):
+                dk[r, :, keys] += gk
+                dv[r, :, keys] += gv
+            else:
+                dk[r].index_add_(1, keys, gk)
+                dv[r].index_add_(1, keys, gv)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: BlockLayout, scale: float, window: Optional[int]):
+        ctx.layout, ctx.scale, ctx.window = layout, scale, window
+        layout.calls += 1
+        if layout.flash:
+            with torch.autocast(q.device.type, enabled=False):
+                out, lse = _flash_forward(q, k, v, layout, scale, window)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
         rows, hq, t, d = q.shape
         hkv = k.shape[1]
         rep = hq // hkv
@@ -132,15 +225,17 @@ class _BlockAttention(torch.autograd.Function):
                     o = torch.matmul(p.view(hkv, rep * n, -1).to(v.dtype), vb)
                     out[r, qs:qe] = o.view(hkv, rep, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
                     lse[r, :, qs:qe] = (m + denom.log()).view(hq, n)
-        layout.calls += 1
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.window = layout, scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         layout, scale, window = ctx.layout, ctx.scale, ctx.window
+        if layout.flash:
+            with torch.autocast(q.device.type, enabled=False):
+                dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, layout, scale, window)
+            return dq, dk, dv, None, None, None
         rows, hq, t, d = q.shape
         hkv = k.shape[1]
         rep = hq // hkv

@@ -40,17 +40,58 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(16, LOGITS_PER_CHUNK // max(1, int(vocab_size)))
 
 
-def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+def fused_head_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """The fused path needs a plain linear head whose parameters are frozen (LoRA: the output
+    head and tied embeddings are not adapted) and a hidden state that needs a gradient."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and type(head) is nn.Linear
+            and not any(p.requires_grad for p in head.parameters()))
+
+
+class _FusedHeadLogps(torch.autograd.Function):
+    """``log softmax(h Wᵀ + b)[t]`` per row with ``d/dh`` computed in the forward, chunk by chunk.
+
+    ``d log p_t / d logits = onehot(t) − softmax(logits)``, so ``d/dh = (onehot − p) W`` is known
+    before the loss is (the loss only scales each row's gradient: ``grad_h = g_i · (onehot − p_i) W``).
+    The forward keeps ``(M, H)`` row gradients instead of the hidden rows, and the backward
+    recomputes no ``(chunk, V)`` logits block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logp = torch.log_softmax(torch.nn.functional.linear(h, weight, bias).float(), dim=-1)
+            out[start:start + chunk_size] = logp.gather(-1, t[:, None]).squeeze(-1)
+            p = logp.exp_()
+            p[torch.arange(p.shape[0], device=p.device), t] -= 1.0  # softmax − onehot = −d logp_t / d logits
+            grad[start:start + chunk_size] = torch.matmul(p.to(weight.dtype), weight).neg_()
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None, None
+
+
+def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: Optional[int] = None,
+                *, fused: bool = False) -> torch.Tensor:
     """Log-probabilities ``log softmax(head(hidden))[target]`` of ``M`` tokens, ``(M,)`` float32.
 
     ``hidden``: ``(M, H)``; ``targets``: ``(M,)`` int64. Computed ``chunk_size`` rows at a time
     (None: :func:`auto_chunk_size` of the head's vocabulary); with grad enabled each chunk is
-    checkpointed (logits recomputed in the backward).
+    checkpointed (logits recomputed in the backward). ``fused`` (``--fused_lm_head``): where
+    :func:`fused_head_applies`, the gradient w.r.t. ``hidden`` is computed in the forward instead
+    (:class:`_FusedHeadLogps`), one ``(chunk, V)`` matmul and log-softmax less per chunk.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     if chunk_size is None:
         chunk_size = auto_chunk_size(getattr(head, "out_features", None) or head.weight.shape[0])
+    if fused and fused_head_applies(head, hidden):
+        return _FusedHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size)
     use_ckpt = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -76,7 +117,8 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     if model.training and torch.is_grad_enabled():
         prepare_training_step(model, batch, engine_options(model))
     flat, extras = kind.hidden_at_targets(model, batch)
-    logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size)
+    logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size,
+                        fused=engine_options(model).fused_lm_head)
     num_pairs = int(batch["num_pairs"])
     sums = torch.zeros(2 * num_pairs, dtype=logps.dtype, device=logps.device).index_add(0, batch["target_seq"], logps)
     counts = torch.bincount(batch["target_seq"], minlength=2 * num_pairs).to(logps.dtype)
