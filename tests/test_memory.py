@@ -287,3 +287,77 @@ def test_malloc_trim_runs():
     import sys
 
     assert malloc_trim() is sys.platform.startswith("linux")
+
+
+# ---- speed paths (opt-in) ----------------------------------------------------------------------------
+def _grads_of(model, batch, seed=7, **options):
+    configure_engine(model, max_activation_memory_gb=float("inf"), **options)
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = sequence_logps(model, batch)
+    (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lm_head_and_fused_lora_equal_default_path(make_tiny_llama, tie, dropout):
+    from preftune.config import PeftArguments
+    from preftune.peft_utils import apply_peft
+
+    model = apply_peft(make_tiny_llama(tie=tie), PeftArguments(use_peft=True, lora_dropout=dropout, lora_r=4))
+    model.train()
+    for name, p in model.named_parameters():  # B = 0 at init would hide errors in the LoRA path
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(len(name)))
+    batch = collate_pairs(pairs_of([(10, 6, 7), (8, 5, 4), (3, 9, 2)]))
+    ref, g_ref = _grads_of(model, batch)
+    assert len(g_ref) == 2 * 7 * 2  # A and B of 7 adapters in 2 layers: the head is frozen
+    for opts in ({"fused_lm_head": True}, {"fused_lora": True}, {"fused_lm_head": True, "fused_lora": True}):
+        out, g = _grads_of(model, batch, fused_lm_head=opts.get("fused_lm_head", False),
+                           fused_lora=opts.get("fused_lora", False))
+        torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.rejected_logps, ref.rejected_logps, atol=1e-5, rtol=0)
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-4)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert all("forward" in vars(m) for m in lora)  # fused_lora installed ...
+    _grads_of(model, batch, fused_lora=False)
+    assert not any("forward" in vars(m) for m in lora)  # ... and removed again
+
+
+def test_fused_lm_head_token_logps_and_fallback():
+    from preftune.engine.logprobs import fused_head_applies, token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50).requires_grad_(False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    w = torch.randn(37)
+    ref = token_logps(head, hidden, targets, chunk_size=8)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), hidden)
+    got = token_logps(head, hidden, targets, chunk_size=8, fused=True)
+    (g,) = torch.autograd.grad((got * w).sum(), hidden)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g, g_ref)
+    head.weight.requires_grad_(True)  # a trainable head needs its own gradient: the checkpointed path
+    assert not fused_head_applies(head, hidden)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("PREFTUNE_TEST_COMPILE"),
+                    reason="CPU inductor compilation takes minutes; set PREFTUNE_TEST_COMPILE=1")
+def test_compile_layers_equal_eager(make_tiny_llama):
+    from preftune.config import PeftArguments
+    from preftune.peft_utils import apply_peft
+
+    model = apply_peft(make_tiny_llama(layers=1), PeftArguments(use_peft=True, lora_dropout=0.1, lora_r=4))
+    model.train()
+    batch = collate_pairs(pairs_of([(10, 6, 7), (8, 5, 4)]))
+    ref, g_ref = _grads_of(model, batch)
+    out, g = _grads_of(model, batch, compile_layers=True)
+    assert model._preftune_compiled
+    torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-5, rtol=0)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-4)

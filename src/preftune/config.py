@@ -309,6 +309,9 @@ class EngineArguments:
     fused_lm_head: bool = field(
         default=False, metadata={"help": "LM head: compute the logits' gradient in the forward of each chunk, "
                                  "so the backward does not recompute the [chunk, V] block (experimental)."})
+    fused_lora: bool = field(
+        default=False, metadata={"help": "LoRA: add the scaled low-rank product into the base output in one addmm "
+                                 "(experimental; peft's own forward otherwise)."})
 
     def __post_init__(self) -> None:
         _check_choice("packed_attention", self.packed_attention, ("blockwise", "mask"))

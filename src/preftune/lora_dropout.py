@@ -51,6 +51,12 @@ class _DropoutLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+@torch.compiler.disable  # the per-call seed and generator stay outside compiled graphs
+def _fused_dropout_linear(x, weight, bias, p: float) -> torch.Tensor:
+    seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
+    return _DropoutLinearFn.apply(x, weight, bias, p, seed)
+
+
 class DropoutLinear(nn.Linear):
     """``nn.Linear`` applied to ``dropout(x, p)``, keeping only ``x`` for the backward.
 
@@ -71,8 +77,7 @@ class DropoutLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if not torch.is_grad_enabled():
             return F.linear(F.dropout(x, p, True), self.weight, self.bias)
-        seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))
-        return _DropoutLinearFn.apply(x, self.weight, self.bias, p, seed)
+        return _fused_dropout_linear(x, self.weight, self.bias, p)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout_p={self.dropout_p}"

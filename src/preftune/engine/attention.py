@@ -45,6 +45,11 @@ def _is_placeholder(mask) -> bool:
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 
 
+@torch.compiler.disable  # python loops over the layout: a graph break under --compile_layers, never traced
+def _blockwise(query, key, value, layout, scaling, window):
+    return block_attention(query, key, value, layout, scale=scaling, window=window)
+
+
 def _install_sdpa_wrapper() -> None:
     """Wrap transformers' ``"sdpa"`` attention function once (idempotent)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -71,8 +76,7 @@ def _install_sdpa_wrapper() -> None:
             raise ValueError(f"{type(module).__name__}: attention with {', '.join(bad)} is not supported by "
                              "--packed_attention blockwise; use --packed_attention mask or eager attention")
         window = kwargs.get("sliding_window")
-        out = block_attention(query, key, value, layout, scale=scaling, window=window if window else None)
-        return out, None
+        return _blockwise(query, key, value, layout, scaling, window if window else None), None
 
     sdpa_or_blockwise._preftune_wrapper = True
     sdpa_or_blockwise.__wrapped__ = original

@@ -21,6 +21,7 @@ from preftune.engine.kinds import kind_for
 from preftune.engine.memory import prepare_training_step
 from preftune.engine.options import engine_options
 from preftune.errors import UnsupportedModelError
+from preftune.lora_fused import install_fused_lora
 from preftune.types import PolicyLogps
 
 
@@ -114,11 +115,15 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     if getattr(kind, "scores_sequences", False):  # a reward model: no LM head to score tokens with
         raise UnsupportedModelError(f"{type(model).__name__} is a reward model (value head, no LM head): it gives "
                                     "rewards (preftune.engine.rewards.sequence_rewards, --loss rm), not log-probs")
+    options = engine_options(model)
+    if getattr(model, "_preftune_fused_lora", False) != options.fused_lora:
+        install_fused_lora(model, options.fused_lora)
+        model._preftune_fused_lora = options.fused_lora
     if model.training and torch.is_grad_enabled():
-        prepare_training_step(model, batch, engine_options(model))
+        prepare_training_step(model, batch, options)
     flat, extras = kind.hidden_at_targets(model, batch)
     logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size,
-                        fused=engine_options(model).fused_lm_head)
+                        fused=options.fused_lm_head)
     num_pairs = int(batch["num_pairs"])
     sums = torch.zeros(2 * num_pairs, dtype=logps.dtype, device=logps.device).index_add(0, batch["target_seq"], logps)
     counts = torch.bincount(batch["target_seq"], minlength=2 * num_pairs).to(logps.dtype)

@@ -177,9 +177,26 @@ def install_malloc_trim(model: nn.Module) -> int:
     return len(layers)
 
 
+def install_compiled_layers(model: nn.Module) -> int:
+    """``torch.compile(dynamic=True)`` every decoder layer once (``--compile_layers``); returns how many.
+
+    The attention kernel and the fused LoRA dropout are graph breaks (``torch.compiler.disable``),
+    so each layer compiles into the parts around them (norms, projections, rotary, MLP)."""
+    if getattr(model, "_preftune_compiled", False):
+        return 0
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    model._preftune_compiled = True
+    return len(layers)
+
+
 def prepare_training_step(model: nn.Module, batch: dict[str, torch.Tensor], options) -> None:
-    """Before a training forward: heap trimming hooks (``options.malloc_trim``) and the layer
-    checkpointing plan for this batch (``options.max_activation_memory_gb``)."""
+    """Before a training forward: heap trimming hooks (``options.malloc_trim``), compiled layers
+    (``options.compile_layers``) and the layer checkpointing plan for this batch
+    (``options.max_activation_memory_gb``)."""
     if options.malloc_trim:
         install_malloc_trim(model)
+    if options.compile_layers:
+        install_compiled_layers(model)
     plan_checkpointing(model, int(batch["input_ids"].numel()), options.max_activation_memory_gb)

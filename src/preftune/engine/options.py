@@ -29,6 +29,7 @@ class EngineOptions:
     malloc_trim: bool = True
     compile_layers: bool = False
     fused_lm_head: bool = False
+    fused_lora: bool = False
 
     def __post_init__(self) -> None:
         if self.packed_attention not in PACKED_ATTENTION:
