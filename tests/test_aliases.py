@@ -67,7 +67,8 @@ def test_swift_current_release_defaults_and_explicit_flags_win(tmp_path, monkeyp
                                "--lora_r", "4", "--per_device_train_batch_size", "4"])))
     assert g["training"].learning_rate == 3e-5 and g["peft"].lora_r == 4
     assert g["training"].gradient_accumulation_steps == 4  # ceil(16 / 4): computed from the batch given
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    # 4 processes (as under torchrun): swift divides its accumulation by the world size
+    monkeypatch.setattr("preftune.aliases._world_size", lambda: 4)
     assert parse("--rlhf_type", "cpo", "--model", "m")["training"].gradient_accumulation_steps == 4
     # full fine-tuning: swift's full-parameter learning rate, no LoRA
     g = parse("--rlhf_type", "orpo", "--train_type", "full", "--model", "m")

@@ -408,7 +408,7 @@ def _swift_defaults(flags: set[str], ctx: Context) -> tuple[str, dict[str, str]]
     d["per_device_train_batch_size"] = "1"
     d["per_device_eval_batch_size"] = ctx.value("per_device_train_batch_size", "1") if v2 else "1"
     batch = int(ctx.value("per_device_train_batch_size", "1"))
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = _world_size()
     d["gradient_accumulation_steps"] = str(max(1, math.ceil(16 / max(batch, 1) / max(world, 1))))
     d.update(weight_decay="0.1", adam_beta2="0.95", lr_scheduler_type="cosine")
     if v2:
@@ -473,3 +473,8 @@ def add_help_group(parser: argparse.ArgumentParser, valid: set[str]) -> None:
             continue
         group.add_argument(f"--{alias.flag}", nargs="?", default=argparse.SUPPRESS, metavar=alias.metavar or "V",
                            help=f"[{', '.join(alias.sources)}] {alias.help}")
+
+
+def _world_size() -> int:
+    """Processes of this launch (``$WORLD_SIZE``; 1 when not launched by torchrun / accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
