@@ -198,6 +198,8 @@ class _BlockAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: BlockLayout, scale: float, window: Optional[int]):
         ctx.layout, ctx.scale, ctx.window = layout, scale, window
         layout.calls += 1
+        # under CPU autocast the projections can hand over mixed dtypes: compute in q's dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
         if layout.flash:
             with torch.autocast(q.device.type, enabled=False):
                 out, lse = _flash_forward(q, k, v, layout, scale, window)
@@ -232,6 +234,8 @@ class _BlockAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         layout, scale, window = ctx.layout, ctx.scale, ctx.window
+        # under autocast the incoming gradient can be float32 while q/k/v are bfloat16
+        dout = dout.to(q.dtype)
         if layout.flash:
             with torch.autocast(q.device.type, enabled=False):
                 dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, layout, scale, window)
