@@ -132,12 +132,14 @@ def _sweep_targets(sweep: dict) -> list[dict]:
     ours = [(n, sweep[n].get("preftune-cpo", {})) for n in lengths]
     ratios = [(n, r["peak_mb"] / sweep[n]["trl-cpo"]["peak_mb"]) for n, r in ours
               if "peak_mb" in r and "peak_mb" in sweep[n].get("trl-cpo", {})]
+    incr = [sweep[n]["preftune-cpo"]["incr_mb"] / sweep[n]["trl-cpo"]["incr_mb"] for n, _ in ratios]
     if ratios:
         worst = max(ratios, key=lambda x: x[1])
         missing = [n for n in lengths if "peak_mb" not in sweep[n].get("trl-cpo", {})]
         out.append({"target": "sweep: preftune peak RSS ≤ 0.5× TRL at every length", "value": worst[1],
                     "met": worst[1] <= TARGETS["peak_memory_vs_trl"], "unit": "×",
-                    "note": f"worst at {worst[0]}" + (f"; TRL failed at {missing}" if missing else "")})
+                    "note": f"worst at {worst[0]}; training increments: worst {max(incr):.2f}×"
+                    + (f"; TRL failed at {missing}" if missing else "")})
     ok = [(n, r) for n, r in ours if "peak_mb" in r]
     if len(ok) >= 3:
         # Δ peak per added token over the last doubling vs the first: 1 when growth is linear, 2 for a T² term
@@ -233,6 +235,8 @@ def markdown(res: dict) -> str:
              "| data | run | logical tok/s (wall) | tok/s per CPU time | step s | peak RSS MB (Δ train) | first loss | tokens real / padded "
              "| efficiency | token check | n |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    if not s["table"]:  # a sweep-only run
+        lines = lines[:4]
     for key, row in s["table"].items():
         d, tool = key.split("|", 1)
         tool = tool.replace("|", " · ")
@@ -245,8 +249,9 @@ def markdown(res: dict) -> str:
                      f"{row['real_tokens']:.0f} / {row['padded_tokens']:.0f} | {_f(row['efficiency'], '{:.1%}')} | "
                      f"{'same tokens' if row['token_mismatches'] == 0 else str(row['token_mismatches']) + ' pairs differ'}"
                      f" | {row['n']} |")
-    lines += ["", "| data | comparison | speed-up wall (CPU time) | peak RSS ratio | Δ-train RSS ratio | "
-              "first-loss abs diff | per round speed-up |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    if s["ratios"]:
+        lines += ["", "| data | comparison | speed-up wall (CPU time) | peak RSS ratio | Δ-train RSS ratio | "
+                  "first-loss abs diff | per round speed-up |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for key, r in s["ratios"].items():
         d, name = key.split("|", 1)
         name = name.replace("|", " · ")
@@ -279,18 +284,23 @@ def markdown(res: dict) -> str:
                   f"{st.get('sweep_batch')} pairs, {st.get('sweep_steps')} measured step(s) after "
                   f"{st.get('sweep_warmup')} warm-up, each tool's defaults, LoRA dropout 0.05; one process per "
                   "cell): peak RSS MB while training and logical tokens/s", "",
-                  "| max_length | preftune peak MB | TRL peak MB | preftune ÷ TRL | preftune tok/s | TRL tok/s | "
-                  "speed-up | preftune checkpointed layers | positions per step (preftune / TRL) |",
+                  "| max_length | preftune peak MB (Δ train) | TRL peak MB (Δ train) | preftune ÷ TRL peak (Δ) | "
+                  "preftune tok/s | TRL tok/s | speed-up | preftune checkpointed layers | "
+                  "positions per step (preftune / TRL) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for n in sorted(s["sweep"]):
             p, t = s["sweep"][n].get("preftune-cpo", {}), s["sweep"][n].get("trl-cpo", {})
 
             def val(x, k, fmt):
                 return x["error"] if "error" in x else _f(x.get(k), fmt)
-            ratio = _f(p["peak_mb"] / t["peak_mb"]) if "peak_mb" in p and "peak_mb" in t else "–"
+            ratio = (f"{p['peak_mb'] / t['peak_mb']:.2f} ({p['incr_mb'] / t['incr_mb']:.2f})"
+                     if "peak_mb" in p and "peak_mb" in t else "–")
             speed = _f(p["tok_s"] / t["tok_s"]) + "×" if "tok_s" in p and "tok_s" in t else "–"
             ck = p.get("checkpointed_layers")
-            lines.append(f"| {n} | {val(p, 'peak_mb', '{:.0f}')} | {val(t, 'peak_mb', '{:.0f}')} | {ratio} | "
+
+            def mem(x):
+                return x["error"] if "error" in x else f"{x['peak_mb']:.0f} ({x['incr_mb']:+.0f})"
+            lines.append(f"| {n} | {mem(p)} | {mem(t)} | {ratio} | "
                          f"{val(p, 'tok_s', '{:.1f}')} | {val(t, 'tok_s', '{:.1f}')} | {speed} | "
                          f"{'/'.join(map(str, ck)) if ck else '–'} | {_f(p.get('tokens_per_step'), '{:.0f}')} / "
                          f"{_f(t.get('tokens_per_step'), '{:.0f}')} |")

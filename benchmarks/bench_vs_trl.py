@@ -55,7 +55,7 @@ def mem_total_gb() -> float:
 def run_worker(spec: dict, limit_gb: float, work: Path, log) -> dict:
     """Run one measurement in a fresh process; returns its JSON (plus ``wall_s``, ``watchdog_peak_mb``)."""
     waited = 0
-    while mem_available_gb() < min(limit_gb + 1, 0.9 * mem_total_gb()) and waited < 120:
+    while mem_available_gb() < min(limit_gb + 1, 0.75 * mem_total_gb()) and waited < 120:
         time.sleep(10)
         waited += 10
     n = len(list(work.glob("spec-*.json")))

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from preftune.engine.block_attention import block_attention, build_block_layout
 from preftune.engine.layout import build_attention_mask, collate_pairs
 from preftune.engine.logprobs import sequence_logps
-from preftune.engine.memory import activation_bytes_per_token_layer, decoder_layers, malloc_trim, plan_checkpointing
+from preftune.engine.memory import (
+    activation_bytes_per_token_layer,
+    decoder_layers,
+    malloc_trim,
+    plan_checkpointing,
+)
 from preftune.engine.options import configure_engine, engine_options
 from preftune.types import TokenizedPair
 
@@ -361,3 +366,22 @@ def test_compile_layers_equal_eager(make_tiny_llama):
     torch.testing.assert_close(out.chosen_logps, ref.chosen_logps, atol=1e-5, rtol=0)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-5, rtol=1e-4)
+
+
+def test_malloc_trim_hooks_follow_the_option(make_tiny_llama, monkeypatch):
+    import preftune.engine.memory as mem
+
+    calls = []
+    monkeypatch.setattr(mem, "malloc_trim", lambda: calls.append(1) or True)
+    model = make_tiny_llama()
+    model.train()
+    batch = collate_pairs(pairs_of([(6, 4, 3)]))
+    configure_engine(model, max_activation_memory_gb=float("inf"), malloc_trim=True)
+    out = sequence_logps(model, batch)
+    n_fwd = len(calls)
+    assert n_fwd == 2  # one per decoder layer's forward
+    out.chosen_logps.sum().backward()
+    assert len(calls) == 4  # and one before each layer's backward
+    configure_engine(model, malloc_trim=False)
+    sequence_logps(model, batch).chosen_logps.sum().backward()
+    assert len(calls) == 4

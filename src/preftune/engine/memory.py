@@ -44,8 +44,8 @@ logger = logging.getLogger("preftune.engine")
 _LIBC = None
 
 
-def malloc_trim() -> bool:
-    """glibc ``malloc_trim(0)``: give free heap pages back to the system. False where unavailable."""
+def _libc():
+    """glibc with ``malloc_trim``, or False (musl, macOS, Windows)."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -53,9 +53,15 @@ def malloc_trim() -> bool:
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             _LIBC = False
-    if not _LIBC:
+    return _LIBC
+
+
+def malloc_trim() -> bool:
+    """glibc ``malloc_trim(0)``: give free heap pages back to the system. False where unavailable."""
+    libc = _libc()
+    if not libc:
         return False
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 
@@ -151,7 +157,7 @@ def plan_checkpointing(model: nn.Module, tokens: int, budget_gb: Optional[float]
 
 
 def _trim_forward_hook(module, args, output):
-    if not (module.training and torch.is_grad_enabled()):
+    if not (getattr(module, "_preftune_trim", False) and module.training and torch.is_grad_enabled()):
         return None
     malloc_trim()
     out = output[0] if isinstance(output, tuple) else output
@@ -165,14 +171,17 @@ def _trim_grad_hook(grad):
     return None
 
 
-def install_malloc_trim(model: nn.Module) -> int:
-    """Trim the heap after every decoder layer's forward and before its backward (idempotent).
-    Returns the number of layers hooked (0 without glibc)."""
-    if getattr(model, "_preftune_trim_installed", False) or not malloc_trim():
+def install_malloc_trim(model: nn.Module, enabled: bool = True) -> int:
+    """Trim the heap after every decoder layer's forward and before its backward (``enabled``), or
+    stop doing so. Idempotent; returns the number of layers hooked (0 without glibc)."""
+    installed = getattr(model, "_preftune_trim_installed", False)
+    if not installed and (not enabled or not _libc()):
         return 0
     layers = decoder_layers(model)
     for layer in layers:
-        layer.register_forward_hook(_trim_forward_hook)
+        if not installed:
+            layer.register_forward_hook(_trim_forward_hook)
+        layer._preftune_trim = enabled
     model._preftune_trim_installed = True
     return len(layers)
 
@@ -195,8 +204,9 @@ def prepare_training_step(model: nn.Module, batch: dict[str, torch.Tensor], opti
     """Before a training forward: heap trimming hooks (``options.malloc_trim``), compiled layers
     (``options.compile_layers``) and the layer checkpointing plan for this batch
     (``options.max_activation_memory_gb``)."""
-    if options.malloc_trim:
-        install_malloc_trim(model)
+    if options.malloc_trim != getattr(model, "_preftune_trim_enabled", False):
+        install_malloc_trim(model, options.malloc_trim)
+        model._preftune_trim_enabled = options.malloc_trim
     if options.compile_layers:
         install_compiled_layers(model)
     plan_checkpointing(model, int(batch["input_ids"].numel()), options.max_activation_memory_gb)
