@@ -42,11 +42,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_train(argv: list[str]) -> int:
     from preftune.cli_args import parse_groups
+    from preftune.outputs import is_main_process
     from preftune.train import run
 
     groups = parse_groups(argv)
     metrics = run(groups)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
+    if is_main_process():  # several processes (torchrun): the results once
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
     return 0
 
 

@@ -13,6 +13,7 @@ import difflib
 import enum
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class PreftuneTrainingArguments(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; silences a warning per epoch
+        self._several_processes_on_cpu()
         from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
         if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not is_torch_bf16_gpu_available() \
@@ -80,6 +82,37 @@ class PreftuneTrainingArguments(TrainingArguments):
             raise ConfigError(f"--nan_policy {self.nan_policy!r} is not valid; choose one of: stop, skip_batch")
         if self.max_skipped_batches < 0:
             raise ConfigError(f"--max_skipped_batches must be >= 0, got {self.max_skipped_batches}")
+        if self.n_gpu > 1:  # several GPUs in one process: transformers would use nn.DataParallel, which
+            # splits every batch tensor along dim 0 (a laid-out batch is not splittable that way)
+            import logging
+
+            logging.getLogger("preftune.cli_args").warning(
+                "%d GPUs visible to one process: training on the first only; for data parallel training launch "
+                "`torchrun --nproc_per_node %d -m preftune.cli train ...` (docs/distributed.md)", self.n_gpu, self.n_gpu)
+            self._n_gpu = 1
+
+    @cached_property
+    def _setup_devices(self):
+        device = TrainingArguments._setup_devices.func(self)
+        from preftune.distributed import complete_deepspeed_cpu_state
+
+        complete_deepspeed_cpu_state(self)  # DeepSpeed on CPUs: accelerate would see one process per rank
+        return device
+
+    def _several_processes_on_cpu(self) -> None:
+        """Launched with several processes (``torchrun`` / ``accelerate launch``: ``$WORLD_SIZE`` > 1)
+        on a machine without a GPU: data parallel on the CPU, over gloo (``--ddp_backend`` wins when
+        given). Without this, accelerate sees no GPU, sets up no process group for the Trainer and
+        every process trains its own copy. Under DeepSpeed the CPU accelerator keeps its own
+        setup (only the backend is set)."""
+        from preftune.distributed import has_accelerator, launched_world_size
+
+        if launched_world_size() <= 1 or has_accelerator():
+            return
+        if self.ddp_backend is None:
+            self.ddp_backend = "gloo"
+        if not self.deepspeed:
+            self.use_cpu = True
 
 
 TRAIN_GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments,
@@ -177,7 +210,10 @@ def config_to_yaml(groups: tuple) -> str:
     out: dict[str, Any] = {}
     for g in groups:
         if isinstance(g, TrainingArguments):
-            default = PreftuneTrainingArguments()
+            from preftune.distributed import preserved_accelerate_state
+
+            with preserved_accelerate_state():  # a TrainingArguments rebuilds accelerate's state from its fields
+                default = PreftuneTrainingArguments()
             for f in dataclasses.fields(PreftuneTrainingArguments):
                 if not f.init or f.name.startswith("_"):
                     continue

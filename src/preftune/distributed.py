@@ -34,6 +34,7 @@ Without a process group every helper is the single-process identity (world size 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,7 +132,66 @@ def enable_fsdp_on_cpu(accelerator, training_args) -> bool:
     state.distributed_type = DistributedType.FSDP
     # every AcceleratorState() copies PartialState's fields over its own: switch both, as accelerate does
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if state.is_main_process:
+        logging.getLogger("preftune.distributed").info(
+            "--fsdp with %d CPU processes: accelerate's state switched to FSDP (it would fall back to DDP)",
+            state.num_processes)
     return True
+
+
+def complete_deepspeed_cpu_state(training_args) -> bool:
+    """``--deepspeed`` with several processes on CPUs: give accelerate the ranks DeepSpeed has.
+
+    With ``--deepspeed`` transformers asks accelerate for a DeepSpeed state without a backend;
+    accelerate finds a backend only for GPU-type devices, so on CPUs its state says one process,
+    rank 0, on every rank (each would write the outputs, and "auto" batch sizes would count one
+    process), although DeepSpeed's own process group (gloo) spans them all. The rank, the number of
+    processes and the backend are taken from the initialised ``torch.distributed`` group. True when
+    the state was completed. Called right after the device setup, before transformers fills the
+    DeepSpeed configuration.
+    """
+    if not getattr(training_args, "deepspeed", None) or has_accelerator() or launched_world_size() <= 1:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from accelerate.state import PartialState
+
+    shared = PartialState._shared_state
+    if shared.get("num_processes", 1) > 1:
+        return False
+    shared.update(num_processes=torch.distributed.get_world_size(), process_index=torch.distributed.get_rank(),
+                  local_process_index=int(os.environ.get("LOCAL_RANK", "0") or 0),
+                  backend=torch.distributed.get_backend())
+    return True
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module):
+    """The whole model's parameters on every rank for the block, before any wrapper exists.
+
+    Under DeepSpeed ZeRO-3 the weights are partitioned while they load (each rank holds a slice;
+    the hooks that gather them are installed only when the Trainer builds the engine), so a
+    forward run before training (the reference log-probs) gathers them all first
+    (``deepspeed.zero.GatheredParameters``, collective: every rank enters the block) and they
+    are partitioned again after it. Parameters left on the ``meta`` device (FSDP's
+    ``cpu_ram_efficient_loading`` on the non-main ranks) cannot be run: :class:`ConfigError`
+    naming the setting. Otherwise nothing happens.
+    """
+    from preftune.config import ConfigError
+
+    params = list(model.parameters())
+    if any(p.is_meta for p in params):
+        raise ConfigError("preftune.distributed: the model's weights are on the meta device on this rank (FSDP "
+                           "cpu_ram_efficient_loading): a forward before training (--precompute_ref_log_probs) "
+                           "needs them; set fsdp_cpu_ram_efficient_loading false")
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 # ---- splitting work ------------------------------------------------------------------------------

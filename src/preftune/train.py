@@ -69,16 +69,21 @@ def setup(groups: tuple) -> Run:
     from preftune.models import load_model_and_tokenizer
 
     model_args, peft_args, data_args, loss_args, engine_args, training_args = groups
-    outputs.prepare_output_dir(groups)  # writable, not another run's, resume config matches: before any loading
+    quiet_replicas()
+    # several processes: the main process checks (and clears or locks) the output directory, converts
+    # or downloads the model and loads the data first; the others wait, then find them ready
+    with training_args.main_process_first(local=False, desc="preparing the output directory"):
+        outputs.prepare_output_dir(groups)  # writable, not another run's, resume config matches: before any loading
     resolve_reference_options(loss_args, engine_args)  # --loss rm: no reference (ConfigError for the flag)
     set_seed(training_args.seed)
     configure_cpu_numerics(engine_args)
     # continuing an adapter: its starting state is the DPO reference, kept as a frozen second adapter
     # (only needed when the reference is computed during training, not when precomputed once)
     live_reference = loss_args.needs_reference and not engine_args.precompute_ref_log_probs
-    model, tokenizer = load_model_and_tokenizer(model_args, peft_args,
-                                                with_reference_adapter=bool(peft_args.peft_model_id) and live_reference,
-                                                reward_model=loss_args.is_reward_model)
+    with _main_first_unless_collective(training_args, "loading the model"):  # GGUF conversion, Hub downloads: once
+        model, tokenizer = load_model_and_tokenizer(model_args, peft_args,
+                                                    with_reference_adapter=bool(peft_args.peft_model_id) and live_reference,
+                                                    reward_model=loss_args.is_reward_model)
     from preftune.engine.kinds import kind_for
 
     kind_for(model).head(model)  # an architecture no kind supports: one clear error before any data is tokenised
@@ -86,7 +91,8 @@ def setup(groups: tuple) -> Run:
         from preftune.models import prepare_for_gradient_checkpointing
 
         prepare_for_gradient_checkpointing(model)
-    data = build_datasets(data_args, tokenizer, seed=training_args.seed)  # logs its report
+    with training_args.main_process_first(desc="loading the data"):  # Hub datasets downloaded once
+        data = build_datasets(data_args, tokenizer, seed=training_args.seed)  # logs its report (main process)
     check_preference_signal(data.train, loss_args.loss)  # every pair identical: DataError; some: a warning
     if loss_args.is_reward_model:  # identical pairs skipped and counted
         from preftune.score import prepare_reward_data
@@ -147,6 +153,27 @@ def trainer_kwargs(groups: tuple, model, tokenizer, data, ref_ctx=None, ref_mode
                 processing_class=tokenizer, loss_args=loss_args, engine_args=engine_args,
                 reference_context=ref_ctx, ref_model=ref_model,
                 pad_token_id=getattr(tokenizer, "tokenizer", tokenizer).pad_token_id or 0)  # a processor's tokenizer
+
+
+def _main_first_unless_collective(training_args, what: str):
+    """``main_process_first`` around loading the model, except under DeepSpeed ZeRO-3: there the
+    weights are partitioned while they load (``deepspeed.zero.Init``, collective over all ranks),
+    so every rank must load at the same time (the main one alone would wait for the others forever)."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    return training_args.main_process_first(desc=what)
+
+
+def quiet_replicas() -> None:
+    """Under several processes only the main one logs preftune's INFO messages (data report, reference
+    log-probs, saved to ...); the others log warnings and errors (transformers does the same with
+    ``--log_level_replica warning``)."""
+    if not outputs.is_main_process():
+        logging.getLogger("preftune").setLevel(logging.WARNING)
 
 
 def _mixed_precision(model, training_args):

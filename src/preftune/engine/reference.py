@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from preftune import distributed
 from preftune.engine.layout_seq2seq import collate_for
 from preftune.engine.logprobs import sequence_logps
 from preftune.guard import fault_point
@@ -161,6 +162,11 @@ def attach_reference_logps(
     on other splits, or ``preftune evaluate`` on the eval split, reuses whatever was computed;
     only missing pairs are computed. Returns ``"cache"`` (all found), ``"computed"`` (none found)
     or ``"cache+computed"``.
+
+    Several processes (a ``torch.distributed`` process group, every rank calling this with the same
+    ``pairs``): the missing pairs (the union of what each rank's read of the cache lacks) are split
+    over the ranks, each computes its share, and the values are gathered, so every rank gets every
+    pair's values and each pair is computed once; only the main process writes the cache.
     """
     if not pairs:
         return "computed"
@@ -168,15 +174,26 @@ def attach_reference_logps(
     cached = _load_cache(path)
     keys = [pair_key(p) for p in pairs]
     missing = [i for i, k in enumerate(keys) if k not in cached]
+    ranks = distributed.world_size()
+    if ranks > 1:  # every rank works on the same list (another run may have written between two reads)
+        missing = sorted(set().union(*distributed.gather_objects(missing)))
     if missing:
-        c, r = compute_reference_logps(model, [pairs[i] for i in missing], reference_context=reference_context,
-                                       batch_size=batch_size, chunk_size=chunk_size)
-        computed = {keys[i]: (ci, ri) for i, ci, ri in zip(missing, c.tolist(), r.tolist())}
+        mine = distributed.shard(missing)
+        computed: dict[str, tuple[float, float]] = {}
+        with distributed.full_parameters(model):  # ZeRO-3: weights partitioned at load, gathered for this pass
+            if mine:
+                c, r = compute_reference_logps(model, [pairs[i] for i in mine], reference_context=reference_context,
+                                               batch_size=batch_size, chunk_size=chunk_size)
+                computed = {keys[i]: (ci, ri) for i, ci, ri in zip(mine, c.tolist(), r.tolist())}
+        if ranks > 1:
+            for part in distributed.gather_objects(computed):
+                computed.update(part)
         cached.update(computed)
         if is_main_process():  # only rank 0 writes; another run may have added entries meanwhile
             cached.update(_merge_into_cache(path, computed))
     for p, k in zip(pairs, keys):
         p.ref_chosen_logps, p.ref_rejected_logps = cached[k]
     source = "computed" if len(missing) == len(pairs) else "cache" if not missing else "cache+computed"
-    logger.info("reference log-probs for %d pairs: %s (%d computed, %s)", len(pairs), source, len(missing), path)
+    logger.info("reference log-probs for %d pairs: %s (%d computed%s, %s)", len(pairs), source, len(missing),
+                f" over {ranks} processes" if ranks > 1 and missing else "", path)
     return source
