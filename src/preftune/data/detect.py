@@ -54,6 +54,9 @@ SIGNATURES = (
     Signature("implicit_prompt", (("chosen", STR), ("rejected", STR))),
     Signature("implicit_prompt", (("chosen", LIST), ("rejected", LIST))),
     Signature("mt_triplets", (("translation", DICT),)),
+    # TRL's SFT prompt-completion records (no rejected answer: only --loss sft trains on them)
+    Signature("prompt_completion", (("prompt", STR), ("completion", STR))),
+    Signature("prompt_completion", (("prompt", LIST), ("completion", LIST))),
     Signature("swift2", (("query", STR), ("response", STR), ("rejected_response", STR)),
               ("system", "history", "images")),
     Signature("swift3", (("messages", LIST), ("rejected_response", STR + LIST)), _SWIFT3_OPTIONAL),

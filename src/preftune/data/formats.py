@@ -14,6 +14,14 @@ The format of a file is detected from the field set and value types of all its r
 * ``mt_triplets``: ALMA-R preference triplets (``translation`` dict; Xu et al. 2024, "Contrastive
   Preference Optimization"), converted by :func:`preftune.mt.readers.triplets_to_preference_records`
   into standard or conversational records.
+* ``prompt_completion``: TRL's SFT records, ``prompt`` and ``completion`` strings, or message
+  lists (``completion`` assistant messages). There is no rejected answer, so only ``--loss sft``
+  trains on them (:func:`preftune.data.pipeline.check_preference_signal` refuses any other loss).
+  The completion becomes ``chosen``; ``rejected`` is an empty completion (:data:`NO_REJECTED_TEXT`,
+  or one empty assistant message), which tokenises to the EOS alone, so the rejected side costs one
+  token per pair in the shared-prompt layout and the prompt / chosen tokens are exactly those of a
+  standard record with the same prompt and chosen. A ``label`` field (TRL's unpaired preference
+  format, KTO) is refused: its undesired completions must not be trained on as targets.
 * ``swift2``, ``swift3``, ``sharegpt``, ``alpaca``: ms-swift and LLaMA-Factory data, converted to
   the conversational form by :mod:`preftune.data.ecosystems`.
 
@@ -39,6 +47,7 @@ __all__ = ["FORMATS", "FormattedData", "detect_format", "normalise"]
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "\n\nHuman:"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+NO_REJECTED_TEXT = ""  # the rejected side of a prompt_completion record: tokenised as the EOS alone
 
 
 @dataclass
@@ -72,7 +81,9 @@ class FormattedData:
                   "conversational": "message lists, chat template at tokenisation",
                   "implicit_prompt": (f"text dialogues, prompt = shared turns up to the last {ASSISTANT_MARKER!r}"
                                       if self.kind == "text" else "message lists, prompt = shared leading messages"),
-                  "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records"}.get(self.format)
+                  "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records",
+                  "prompt_completion": (f"prompt/completion {'strings' if self.kind == 'text' else 'message lists'}, "
+                                        "completion = chosen, no rejected answer: --loss sft only")}.get(self.format)
         detail = detail or f"{DESCRIPTIONS[self.format]} -> message lists, chat template at tokenisation"
         if self.detection:
             detail += f"; {self.detection}"
@@ -145,6 +156,9 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
             pair = CONVERTERS[fmt](here, record)
         elif fmt == "standard":
             pair = {name: here.text(record, name) for name in PAIR_FIELDS}
+        elif fmt == "prompt_completion":
+            out.kind = "text" if isinstance(record.get("prompt"), str) else "messages"
+            pair = _from_prompt_completion(here, record)
         elif fmt == "conversational":
             out.kind = "messages"
             pair = {"prompt": here.messages(record, "prompt"),
@@ -178,6 +192,24 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
     if with_images:
         out.notes.append(f"{with_images} records with images (need a vision-language processor at tokenisation)")
     return out
+
+
+def _from_prompt_completion(here: Here, record: dict) -> dict:
+    """TRL's prompt-completion record -> a pair with the completion as ``chosen`` and an empty rejected
+    completion (see the module docstring); strings or message lists, as the prompt is."""
+    if record.get("label") is not None:
+        raise here.fail("label", "prompt/completion records with a label are TRL's unpaired preference format "
+                                 "(KTO), which preftune does not train; for SFT on every completion drop the "
+                                 "field (--columns label=unused_label)")
+    if isinstance(record.get("prompt"), str):
+        return {"prompt": here.text(record, "prompt"), "chosen": here.text(record, "completion"),
+                "rejected": NO_REJECTED_TEXT}
+    prompt = here.messages(record, "prompt")
+    if prompt[-1]["role"] == "assistant":
+        raise here.fail("prompt", "ends with an assistant message; the prompt must end with the turn that the "
+                                  "completion answers")
+    return {"prompt": prompt, "chosen": here.messages(record, "completion", assistant_only=True),
+            "rejected": [{"role": "assistant", "content": NO_REJECTED_TEXT}]}
 
 
 def _attach_images(here: Here, record: dict, pair: dict, base_dir: Optional[str]) -> bool:

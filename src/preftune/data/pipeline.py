@@ -25,6 +25,15 @@ from .tokenize import TokenizeStats, tokenize_records
 logger = logging.getLogger("preftune.data")
 
 
+class PairList(list):
+    """A list of :class:`TokenizedPair` that also names the files whose records have no rejected answer
+    (``without_rejected``: sources of ``prompt_completion`` data, training or evaluation), so that
+    :func:`check_preference_signal`, which gets only the training pairs and the loss, can refuse them
+    for any loss but ``sft``."""
+
+    without_rejected: tuple = ()
+
+
 @dataclass
 class PreferenceData:
     """Tokenised preference data.
@@ -32,9 +41,10 @@ class PreferenceData:
     ``train`` / ``eval``: lists of :class:`TokenizedPair` (``eval`` is None without
     ``--eval_ratio`` / ``--eval_file``). ``report``: the log lines (format detection, split,
     tokenisation counts), newline-joined. ``format``: the training data's format (``standard``,
-    ``conversational``, ``implicit_prompt``, ``mt_triplets``, ``swift2``, ``swift3``, ``sharegpt``,
-    ``alpaca``; several files of different formats: joined with ``+``). ``train_files`` /
-    ``eval_files``: ``(source, format, stats)`` per file, in the order given.
+    ``conversational``, ``implicit_prompt``, ``mt_triplets``, ``prompt_completion``, ``swift2``, ``swift3``,
+    ``sharegpt``, ``alpaca``; several files of different formats: joined with ``+``). ``train_files`` /
+    ``eval_files``: ``(source, format, stats)`` per file, in the order given. ``train`` is a
+    :class:`PairList` (it names the files without a rejected answer).
     """
 
     train: list[TokenizedPair]
@@ -72,7 +82,9 @@ def _formats_for(data_args: Any, count: int) -> list[Optional[str]]:
 
 
 def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label: str, say) -> tuple:
-    pairs: list[TokenizedPair] = []
+    pairs = PairList()
+    pairs.without_rejected = tuple(part.source for part in parts
+                                   if part.format == "prompt_completion" and part.records)
     files = []
     for part in parts:
         if not part.records:
@@ -156,6 +168,8 @@ def build_datasets(data_args: Any, tokenizer: Any, seed: int, *, train_raw: Opti
     eval_pairs, eval_stats, eval_files = None, None, []
     if evaluation is not None:
         eval_pairs, eval_stats, eval_files = _tokenize(evaluation, tokenizer, data_args, "eval data", say)
+        train_pairs.without_rejected += tuple(s for s in eval_pairs.without_rejected
+                                              if s not in train_pairs.without_rejected)
     fmt = "+".join(dict.fromkeys(part.format for part in parts))
     return PreferenceData(train_pairs, eval_pairs, "\n".join(lines), fmt, train_stats, eval_stats,
                           train_files, eval_files)
@@ -191,8 +205,15 @@ def check_preference_signal(pairs: list[TokenizedPair], loss: str) -> int:
     (they stay in training: CPO/ORPO still learn from their NLL term). Returns their number.
 
     Raises :class:`DataError` (naming the first pair's file and record) when *every* training pair is
-    identical: a preference loss would learn nothing (DPO's loss is constant at log 2).
+    identical: a preference loss would learn nothing (DPO's loss is constant at log 2). Also raises it,
+    naming the file, when the data (training or evaluation, :attr:`PairList.without_rejected`) holds
+    prompt/completion records and ``loss`` is not ``sft``: they have no rejected answer.
     """
+    without = getattr(pairs, "without_rejected", ())
+    if without and loss != "sft":
+        raise DataError(f"{without[0]}: prompt/completion records (format prompt_completion, TRL's SFT format) have "
+                        f"no rejected answer; only --loss sft can train on them, not --loss {loss}. For --loss "
+                        f"{loss} give preference pairs (prompt/chosen/rejected)")
     if loss == "sft" or not pairs:
         return 0
     identical = [pair for pair in pairs if pair.chosen_ids == pair.rejected_ids]
