@@ -138,7 +138,8 @@ class DataArguments:
                   "(TRL), implicit_prompt (HH-RLHF), mt_triplets (ALMA-R), swift2 (query/response/"
                   "rejected_response/history), swift3 (messages + rejected_response or rejected_messages; ms-swift "
                   "3.x/4.x), sharegpt (LLaMA-Factory ranking: conversations + chosen/rejected), alpaca "
-                  "(instruction/input/chosen/rejected)."})
+                  "(instruction/input/chosen/rejected), prompt_completion (TRL SFT: prompt + completion; --loss "
+                  "sft only)."})
     dataset_sample: str = field(
         default="first",
         metadata={"help": "What 'path#N' takes: first (the first N records) or random (N drawn without "
