@@ -62,8 +62,9 @@ def _build_trl(spec: dict, out_dir: str):
                         max_steps=spec["warmup"] + spec["steps"], learning_rate=5e-6, logging_steps=1000,
                         save_strategy="no", report_to="none", seed=0, train_sampling_strategy="sequential",
                         dataloader_num_workers=0, bf16=False, fp16=False, disable_tqdm=True,
-                        gradient_checkpointing=spec["checkpointing"], max_length=spec["max_length"])
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS",
+                        max_length=spec["max_length"],
+                        **({} if spec["checkpointing"] is None else {"gradient_checkpointing": spec["checkpointing"]}))
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=spec.get("lora_dropout", 0.0), target_modules="all-linear", task_type="SEQ_CLS",
                              modules_to_save=["score"], bias="none")
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config)
     n_kept = len(trainer.train_dataset)
@@ -186,8 +187,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="Measured steps.")
     p.add_argument("--rounds", type=int, default=2, help="Rounds (the tools alternate their order per round).")
     p.add_argument("--max-length", type=int, default=512, help="Max tokens of prompt + completion.")
-    p.add_argument("--checkpointing", choices=("on", "off"), default="on",
-                   help="Activation checkpointing for both tools (TRL RewardConfig's default: on).")
+    p.add_argument("--checkpointing", choices=("on", "off", "defaults"), default="on",
+                   help="Activation checkpointing for both tools (TRL RewardConfig's default: on); defaults: each "
+                        "tool's own default (TRL: on; preftune: layers checkpointed from its memory budget) and LoRA "
+                        "dropout 0.05 (TRL ModelConfig's default) on both sides.")
     p.add_argument("--mem-limit-gb", type=float, default=10.0, help="Kill a run whose RSS passes this.")
     p.add_argument("--out", default=None, help="Results JSON (default benchmarks/results/bench_rm[_quick].json).")
     args = p.parse_args(argv)
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
                               max_prompt_length=max_prompt_length)
     log(f"work dir {work}; data: {json.dumps({k: v for k, v in data.items() if not k.endswith('_file')})}")
     base = dict(kind="train", batch=args.batch, warmup=args.warmup, steps=args.steps,
-                checkpointing=args.checkpointing == "on", max_length=args.max_length, max_prompt_length=max_prompt_length,
+                checkpointing=None if args.checkpointing == "defaults" else args.checkpointing == "on",
+                lora_dropout=0.05 if args.checkpointing == "defaults" else 0.0, max_length=args.max_length, max_prompt_length=max_prompt_length,
                 preftune_file=data["preftune_file"], pairs_file=data["pairs_file"], dataset="hh")
     res = {"command": " ".join(["benchmarks/bench_rm.py"] + (argv if argv is not None else sys.argv[1:])),
            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "settings": vars(args),

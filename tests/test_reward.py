@@ -80,6 +80,28 @@ def test_rewards_equal_sequence_classifier_forward(pad, share_prompt, padding_fr
     assert int(flat[batch["last_index"][len(PAIRS) + 3]]) == (7 if pad == 2 else 2)
 
 
+def test_rewards_follow_the_memory_budget_and_keep_gradients():
+    """A training forward of a reward model plans layer checkpointing from --max_activation_memory_gb
+    and trims the heap, as the log-prob kinds do; checkpointed or not, the gradients are the same."""
+    from preftune.engine.memory import decoder_layers
+    from preftune.engine.options import configure_engine
+
+    grads = []
+    for budget, want_checkpointed in ((float("inf"), 0), (1e-9, 2)):
+        model = tiny_reward_model(40, 0).train()
+        configure_engine(model, max_activation_memory_gb=budget)
+        batch = collate_pairs(PAIRS, share_prompt=True, padding_free=True, pad_token_id=0, max_tokens_per_batch=24)
+        r = sequence_rewards(model, batch)
+        (r.chosen_rewards - r.rejected_rewards).sum().backward()
+        layers = decoder_layers(model)
+        assert sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers) == want_checkpointed
+        assert getattr(model, "_preftune_trim_enabled", False) is True  # --malloc_trim's default, applied
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_reward_model_refuses_logps_and_causal_model_refuses_rewards(make_tiny_llama):
     batch = collate_pairs(PAIRS[:2], pad_token_id=0)
     with pytest.raises(UnsupportedModelError, match="reward model"):

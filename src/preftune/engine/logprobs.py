@@ -104,6 +104,25 @@ def token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ch
     return torch.cat(out)
 
 
+def prepare_forward(model: nn.Module, batch: dict[str, torch.Tensor]):
+    """The engine's switches for one forward of ``model`` over a laid-out ``batch``; returns them
+    (:class:`preftune.engine.options.EngineOptions`).
+
+    Installs (idempotently) the fused LoRA epilogue when ``--fused_lora`` asks for it and, for a
+    training forward (train mode, gradients on), the heap trimming hooks, compiled layers and this
+    batch's layer-checkpointing plan from ``--max_activation_memory_gb``
+    (:func:`preftune.engine.memory.prepare_training_step`). Every kind's forward goes through it:
+    :func:`sequence_logps` and :func:`preftune.engine.rewards.sequence_rewards`.
+    """
+    options = engine_options(model)
+    if getattr(model, "_preftune_fused_lora", False) != options.fused_lora:
+        install_fused_lora(model, options.fused_lora)
+        model._preftune_fused_lora = options.fused_lora
+    if model.training and torch.is_grad_enabled():
+        prepare_training_step(model, batch, options)
+    return options
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: Optional[int] = None) -> PolicyLogps:
     """Run the decoder over a laid-out batch and sum log-probs per sequence.
 
@@ -115,12 +134,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     if getattr(kind, "scores_sequences", False):  # a reward model: no LM head to score tokens with
         raise UnsupportedModelError(f"{type(model).__name__} is a reward model (value head, no LM head): it gives "
                                     "rewards (preftune.engine.rewards.sequence_rewards, --loss rm), not log-probs")
-    options = engine_options(model)
-    if getattr(model, "_preftune_fused_lora", False) != options.fused_lora:
-        install_fused_lora(model, options.fused_lora)
-        model._preftune_fused_lora = options.fused_lora
-    if model.training and torch.is_grad_enabled():
-        prepare_training_step(model, batch, options)
+    options = prepare_forward(model, batch)
     flat, extras = kind.hidden_at_targets(model, batch)
     logps = token_logps(kind.head(model), flat, batch["target_ids"], chunk_size,
                         fused=options.fused_lm_head)

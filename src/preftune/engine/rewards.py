@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from preftune.engine.kinds import kind_for
+from preftune.engine.logprobs import prepare_forward
 from preftune.errors import UnsupportedModelError
 from preftune.types import PairRewards
 
@@ -36,6 +37,7 @@ def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> PairRe
             f"{type(model).__name__} ({kind.name} kind) has no value head: rewards need a reward model "
             "(AutoModelForSequenceClassification, num_labels=1; preftune train --loss rm)")
     _check_pad(model, batch)
+    prepare_forward(model, batch)  # memory budget, heap trimming, fused LoRA: as for the log-prob kinds
     hidden, extras = kind.hidden_at_targets(model, batch)
     values = kind.head(model)(hidden).squeeze(-1).float()
     b = int(batch["num_pairs"])
