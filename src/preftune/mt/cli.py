@@ -65,6 +65,12 @@ def add_mt_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--out_dir", required=True)
     t.add_argument("--name", default=None, help="Output directory name (default: adapter or model name).")
     t.add_argument("--limit", type=int, default=None, help="Only the first N sentences.")
+    t.add_argument("--engine", default="auto", choices=["auto", "generate", "legacy"],
+                   help="auto: greedy search with preftune's KV-cache loop (a finished sentence's slot is "
+                        "refilled at once; same output as model.generate), anything else with model.generate; "
+                        "generate: always model.generate; legacy: model.generate with the old per-step stop check.")
+    t.add_argument("--sort_window", type=int, default=4,
+                   help="Sentences are sorted by length inside windows of batch_size x this (less padding).")
     t.set_defaults(func=run_translate)
 
     e = sub.add_parser("evaluate", help="sacreBLEU BLEU / chrF (and COMET) of systems x pairs.")
@@ -173,7 +179,8 @@ def run_translate(args) -> int:
         model, tok = load_translation_model(args.model, args.adapter, args.dtype)
         stats = translate_to_file(model, tok, sources, src, tgt, path, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                  chat_style=args.chat_style, progress=not args.no_progress)
+                                  chat_style=args.chat_style, progress=not args.no_progress,
+                                  sort_window=args.sort_window, engine=args.engine)
         print(json.dumps(stats))
         return 0
     except _ERRORS as err:
