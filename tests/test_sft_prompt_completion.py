@@ -148,6 +148,14 @@ def test_cli_sft_trains_and_cpo_is_refused_naming_the_file(tiny_model_dir, tmp_p
     assert "pc.jsonl" in err and "no rejected answer" in err and "--loss sft" in err and "Traceback" not in err
 
 
+def test_cli_evaluate_refuses_prompt_completion_for_preference_losses(tiny_model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": PROMPT, "completion": COMPLETION}] * 2)
+    assert main(["evaluate", "--model_name_or_path", tiny_model_dir, "--dataset", path, "--loss", "dpo"]) == 2
+    err = capsys.readouterr().err
+    assert "pc.jsonl" in err and "no rejected answer" in err and "only --loss sft can evaluate" in err
+    assert "Traceback" not in err
+
+
 def test_make_sft_data_matches_the_triplet_path(tmp_path, capsys):
     src, tgt = tmp_path / "train.de", tmp_path / "train.en"
     src.write_text("Eins.\nZwei.\n\nDrei.\nVier.\nFünf.\n", encoding="utf-8")

@@ -134,12 +134,14 @@ def run_reward_evaluate(model_args, data_args, loss_args, engine_args, eval_args
     """
     from preftune.config import ConfigError
     from preftune.data import build_datasets
+    from preftune.data.pipeline import refuse_missing_rejected
     from preftune.score import open_reward_model
 
     if not loss_args.is_reward_model:
         raise ConfigError(f"--adapter {eval_args.adapter} is a reward model (value head); evaluate it with --loss rm")
     model, tokenizer = open_reward_model(model_args, eval_args.adapter or model_args.model_name_or_path)
     data = build_datasets(data_args, tokenizer, seed=eval_args.seed)  # logs its report
+    refuse_missing_rejected(data.train, loss_args.loss, "evaluate")
     if eval_args.split == "eval":
         if data.eval is None:
             raise ConfigError("--split eval needs --eval_ratio or --eval_file")
@@ -159,6 +161,7 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
 
     from preftune.config import PeftArguments
     from preftune.data import build_datasets
+    from preftune.data.pipeline import refuse_missing_rejected
     from preftune.engine.reference import attach_reference_logps
     from preftune.models import load_model, load_tokenizer
     from preftune.peft_utils import reference_context
@@ -172,6 +175,7 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
     if eval_args.adapter:
         model = PeftModel.from_pretrained(model, eval_args.adapter)
     data = build_datasets(data_args, tokenizer, seed=eval_args.seed)  # logs its report
+    refuse_missing_rejected(data.train, loss_args.loss, "evaluate")
     if eval_args.split == "eval":
         if data.eval is None:
             raise ValueError("--split eval needs --eval_ratio or --eval_file")

@@ -196,6 +196,17 @@ def records_to_raw(records: Any, source: str) -> RawData:
     return RawData(source, list(records), [f"record {i}" for i in range(1, len(records) + 1)])
 
 
+def refuse_missing_rejected(pairs: list[TokenizedPair], loss: str, action: str = "train") -> None:
+    """Raise :class:`DataError` naming the file when ``pairs`` (a :class:`PairList`) came from
+    prompt/completion records (no rejected answer) and ``loss`` is not ``sft``; ``action``
+    ("train", "evaluate") words the message."""
+    without = getattr(pairs, "without_rejected", ())
+    if without and loss != "sft":
+        raise DataError(f"{without[0]}: prompt/completion records (format prompt_completion, TRL's SFT format) have "
+                        f"no rejected answer; only --loss sft can {action} on them, not --loss {loss}. For --loss "
+                        f"{loss} give preference pairs (prompt/chosen/rejected)")
+
+
 def check_preference_signal(pairs: list[TokenizedPair], loss: str) -> int:
     """Identical pairs (chosen tokens == rejected tokens) carry no preference signal: count them.
 
@@ -209,11 +220,7 @@ def check_preference_signal(pairs: list[TokenizedPair], loss: str) -> int:
     naming the file, when the data (training or evaluation, :attr:`PairList.without_rejected`) holds
     prompt/completion records and ``loss`` is not ``sft``: they have no rejected answer.
     """
-    without = getattr(pairs, "without_rejected", ())
-    if without and loss != "sft":
-        raise DataError(f"{without[0]}: prompt/completion records (format prompt_completion, TRL's SFT format) have "
-                        f"no rejected answer; only --loss sft can train on them, not --loss {loss}. For --loss "
-                        f"{loss} give preference pairs (prompt/chosen/rejected)")
+    refuse_missing_rejected(pairs, loss)
     if loss == "sft" or not pairs:
         return 0
     identical = [pair for pair in pairs if pair.chosen_ids == pair.rejected_ids]
