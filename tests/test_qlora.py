@@ -142,3 +142,27 @@ def test_quantisation_flags_and_cache_key(model_dir):
                                               PeftArguments(load_in_8bit=True))}
     assert len(keys) == 4  # a quantised reference policy never reuses another's cached log-probs
     assert model_identity(args, PeftArguments()).endswith("amp=none")  # unquantised keys unchanged
+
+
+def test_cpu_weight_packing_kept_off_where_it_breaks(model_dir):
+    """bitsandbytes repacks a 4-bit weight in place in an eval forward on AVX512-BF16 CPUs: off for a
+    training model (every layer), and for an inference model where the shape cannot be packed."""
+    from bitsandbytes.nn import Linear4bit
+
+    from preftune.config import ModelArguments
+    from preftune.models import load_model
+    from preftune.models_quant import limit_cpu_weight_packing
+
+    model = load_model(ModelArguments(model_name_or_path=model_dir), training=True,
+                       quantization=PeftArguments(load_in_4bit=True))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    for m in layers:  # as on an AVX512-BF16 CPU
+        m.support_avx512bf16_for_cpu = True
+    # hidden 64, MLP 128, k/v 32: in_features are multiples of the 64-wide block, out_features of 32
+    assert limit_cpu_weight_packing(model, training=False) == 0
+    narrow = next(m for m in layers if m.out_features == 32)  # k_proj: 64 -> 32, packable
+    narrow.in_features = 32  # as a layer narrower than one block
+    assert limit_cpu_weight_packing(model, training=False) == 1 and not narrow.support_avx512bf16_for_cpu
+    assert limit_cpu_weight_packing(model, training=True) == len(layers) - 1
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)

@@ -383,6 +383,10 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
             loader, "model", model_args, source, dtype=dtype,
             attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
             **kwargs)
+    if quantization is not None and quantization.load_in_4bit:
+        from .models_quant import limit_cpu_weight_packing
+
+        limit_cpu_weight_packing(model, training)
     if training:
         model.config.use_cache = False
     else:

@@ -125,3 +125,32 @@ def is_quantized(model) -> bool:
 
     base = unwrap_peft(model)
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def limit_cpu_weight_packing(model, training: bool) -> int:
+    """Keep bitsandbytes' CPU inference repacking off where it breaks; returns the layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit.forward`` in eval mode (input
+    without gradient) repacks the layer's 4-bit weight in place for its CPU GEMM kernel, and from
+    then on every forward of that layer, training ones included, takes the inference kernel. The
+    repacking needs ``out_features % 32 == 0`` and ``in_features`` a multiple of the quantisation
+    block size (64), else it raises (``shape '[32, 0]' is invalid``: layers narrower than a block).
+    A model loaded for training (``training=True``: evaluation steps run between training steps)
+    gets it switched off in every 4-bit layer; an inference model only in layers whose shapes it
+    cannot handle. No effect without bitsandbytes or on other CPUs / devices.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit) or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        block = int(getattr(state, "blocksize", 64) or 64)
+        packable = module.out_features % 32 == 0 and module.in_features % block == 0 and module.in_features % 2 == 0
+        if training or not packable:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

@@ -174,6 +174,10 @@ def load_vision_model(model_args: ModelArguments, *, training: bool = True, load
     model = _from_pretrained(AutoModelForImageTextToText, "model", model_args, source, dtype=dtype,
                              attn_implementation=model_args.attn_implementation,
                              trust_remote_code=model_args.trust_remote_code, **kwargs)
+    if load_in_4bit:
+        from .models_quant import limit_cpu_weight_packing
+
+        limit_cpu_weight_packing(model, training)
     if training:
         model.config.use_cache = False
         if getattr(model_args, "freeze_vision_tower", True):
