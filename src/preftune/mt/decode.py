@@ -247,6 +247,7 @@ def greedy_continuous(model, tokenizer, prompt_ids: list[list[int]], *, batch_si
     Raises:
         ValueError: ``batch_size`` or ``max_new_tokens`` below 1, or an empty prompt.
     """
+    import inspect
     from collections import deque
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -257,6 +258,8 @@ def greedy_continuous(model, tokenizer, prompt_ids: list[list[int]], *, batch_si
     refill_at = max(1, min(batch_size, quarter if refill_at is None else refill_at))
     compact_at = max(1, quarter if compact_at is None else compact_at)
     device = model.device
+    # transformers 5.2x renamed the forward's cache argument (``past_key_values`` is deprecated there)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
@@ -276,7 +279,7 @@ def greedy_continuous(model, tokenizer, prompt_ids: list[list[int]], *, batch_si
             ids, am = _left_pad([prompt_ids[i] for i in take], pad_id, device)
             positions = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
             cache = _new_cache(model, spare_columns)
-            out = model(input_ids=ids, attention_mask=am, position_ids=positions, past_key_values=cache,
+            out = model(input_ids=ids, attention_mask=am, position_ids=positions, **{cache_kw: cache},
                         use_cache=True, logits_to_keep=1)
             tokens = out.logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
             del out
@@ -286,7 +289,7 @@ def greedy_continuous(model, tokenizer, prompt_ids: list[list[int]], *, batch_si
         else:
             am = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
             out = model(input_ids=batch.pending[:, None], attention_mask=am, position_ids=batch.pos[:, None],
-                        past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                        **{cache_kw: batch.cache}, use_cache=True, logits_to_keep=1)
             tokens = out.logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
             del out
             # finished rows still in the batch keep their position (their tokens are ignored)
