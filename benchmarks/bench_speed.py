@@ -16,7 +16,8 @@ Variants (``--variants``, comma list; every other flag at preftune's defaults):
 * ``fused_lora`` / ``fused_lm_head`` / ``compile_layers``: that experimental switch on
   (compile: ``--warmup`` raised to 2, the first steps compile);
 * ``no_budget``: ``--max_activation_memory_gb inf`` (never checkpoint; more memory);
-* ``no_trim``: ``--malloc_trim false``; ``mask``: ``--packed_attention mask``;
+* ``no_trim``: ``--malloc_trim false``; ``trim128`` / ``trim256`` / ``trim512``:
+  ``--malloc_trim_threshold_mb`` 128 / 256 / 512 (trim only when that much freed memory is resident); ``mask``: ``--packed_attention mask``;
 * ``all_fast``: fused_lora + fused_lm_head.
 """
 
@@ -44,6 +45,9 @@ VARIANTS = {
     "all_fast": ["--fused_lora", "true", "--fused_lm_head", "true"],
     "no_budget": ["--max_activation_memory_gb", "inf"],
     "no_trim": ["--malloc_trim", "false"],
+    "trim128": ["--malloc_trim_threshold_mb", "128"],
+    "trim256": ["--malloc_trim_threshold_mb", "256"],
+    "trim512": ["--malloc_trim_threshold_mb", "512"],
     "mask": ["--packed_attention", "mask"],
 }
 

@@ -304,6 +304,9 @@ class EngineArguments:
     malloc_trim: bool = field(
         default=True, metadata={"help": "CPU, glibc: return free heap pages to the system after each decoder "
                                 "layer (glibc keeps about as much free heap as the activations otherwise)."})
+    malloc_trim_threshold_mb: float = field(
+        default=0.0, metadata={"help": "With --malloc_trim: trim only when the resident memory not in use by "
+                               "malloc grew by more than this many MiB since the last trim (0: after every layer)."})
     compile_layers: bool = field(
         default=False, metadata={"help": "torch.compile each decoder layer (experimental speed path; the first "
                                  "steps compile)."})
@@ -316,6 +319,8 @@ class EngineArguments:
 
     def __post_init__(self) -> None:
         _check_choice("packed_attention", self.packed_attention, ("blockwise", "mask"))
+        if not self.malloc_trim_threshold_mb >= 0:
+            raise ConfigError(f"--malloc_trim_threshold_mb must be >= 0, got {self.malloc_trim_threshold_mb}")
         budget = self.max_activation_memory_gb
         if budget is not None and not budget > 0:
             raise ConfigError(f"--max_activation_memory_gb must be > 0 (inf: no limit), got {budget}")

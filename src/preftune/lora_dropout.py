@@ -12,26 +12,62 @@ it from the same seed, and only ``x`` is kept — the tensor the adapters of the
 anyway. Same distribution as peft (Bernoulli keep-probability ``1 - p``, kept values scaled by
 ``1 / (1 - p)``; Srivastava et al. 2014, "Dropout", eq. 1 with inverted scaling), an independent
 mask per adapter and per call; the state-dict keys, the adapter config and merging are unchanged.
+The keep-probability is ``1 - p`` rounded to a multiple of 2^-16 (the mask is drawn as 16-bit
+integers from numpy's PCG64 generator; see :func:`_keep`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: resolution of the keep decision: one uniform 16-bit integer per element
+_LEVELS = 1 << 16
+
+
+def _keep(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, float]:
+    """Keep decisions for the elements of ``x`` drawn from ``seed`` (reproducible), and their scale.
+
+    Returns ``(keep, scale)``: ``keep`` is a bool tensor of ``x``'s shape, True with probability
+    ``q = round((1 - p) · 65536) / 65536`` independently per element (``|q - (1 - p)| ≤ 7.7e-6``),
+    and ``scale = 1 / q``, so ``E[keep · scale] = 1`` exactly (inverted dropout).
+
+    The random bits come from numpy's PCG64 generator (``random_raw``: 64 raw bits give four
+    16-bit draws), seeded with ``seed``: on CPUs where PyTorch's ``bernoulli_`` has no vectorised
+    path (it uses MKL's generator only on Intel processors) this is ~10× cheaper per element, which
+    made the mask ~30% of a LoRA SFT step with dropout 0.05 on an AMD EPYC (docs/performance.md).
+    """
+    q_levels = round((1.0 - p) * _LEVELS)
+    n = x.numel()
+    raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
+    draws = torch.from_numpy(raw.view(np.int16)[:n]).view(x.shape)  # uniform on [-32768, 32767]
+    keep = draws < (q_levels - _LEVELS // 2)
+    if keep.device != x.device:
+        keep = keep.to(x.device)
+    return keep, _LEVELS / q_levels
+
 
 def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Keep-mask of ``x``'s shape scaled by ``1 / (1 - p)``, drawn from ``seed`` (reproducible)."""
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(x).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+    """Keep-mask of ``x``'s shape and dtype scaled by ``1 / q`` (see :func:`_keep`), drawn from
+    ``seed`` (reproducible): the explicit form of the mask the fused path applies."""
+    keep, scale = _keep(x, p, seed)
+    return keep.to(x.dtype) * scale
 
 
 class _DropoutLinearFn(torch.autograd.Function):
+    """``F.linear(x · mask, W, b)`` with the mask redrawn from its seed in the backward.
+
+    The scale ``1 / q`` is applied to the rank-``r`` output (forward) and to ``grad_out``
+    (backward) instead of the ``x``-sized tensors: the same values, fewer element-wise passes."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, seed: int):
-        out = F.linear(x * _mask(x, p, seed), weight, bias)
+        keep, scale = _keep(x, p, seed)
+        out = F.linear(torch.where(keep, x, 0.0), weight).mul_(scale)
+        if bias is not None:
+            out = out + bias
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed, ctx.has_bias = p, seed, bias is not None
         return out
@@ -39,13 +75,15 @@ class _DropoutLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        mask = _mask(x, ctx.p, ctx.seed)
+        keep, scale = _keep(x, ctx.p, ctx.seed)
         grad_x = grad_w = grad_b = None
+        scaled = grad_out * scale
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)).mul_(mask)
+            grad_x = torch.where(keep, scaled @ weight.to(grad_out.dtype), 0.0)
         if ctx.needs_input_grad[1]:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_w = (g2.t() @ (x * mask).reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype)
+            g2 = scaled.reshape(-1, grad_out.shape[-1])
+            xm = torch.where(keep, x, 0.0).reshape(-1, x.shape[-1])
+            grad_w = (g2.t() @ xm.to(g2.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_w, grad_b, None, None

@@ -65,6 +65,67 @@ def malloc_trim() -> bool:
     return True
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+_MALLINFO2 = None
+_PAGE = 4096
+#: resident bytes not in use by malloc right after the last trim (None: no trim yet)
+_UNUSED_AFTER_TRIM: Optional[int] = None
+
+
+def _mallinfo2():
+    global _MALLINFO2, _PAGE
+    if _MALLINFO2 is None:
+        _MALLINFO2 = False
+        libc = _libc()
+        fn = getattr(libc, "mallinfo2", None) if libc else None  # glibc >= 2.33
+        if fn is not None:
+            import os
+
+            fn.restype = _MallInfo2
+            fn.argtypes = []
+            _MALLINFO2, _PAGE = fn, os.sysconf("SC_PAGE_SIZE")
+    return _MALLINFO2
+
+
+def resident_unused_bytes() -> Optional[int]:
+    """Resident memory of the process not held by a live malloc block, in bytes, or None (no glibc
+    ``mallinfo2``): RSS (``/proc/self/statm``) minus the bytes malloc has handed out
+    (``uordblks + hblkhd``). Includes a constant part (code, libraries, mapped files); its growth is
+    free heap that the system has not got back."""
+    info = _mallinfo2()
+    if not info:
+        return None
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return None
+    m = info()
+    return rss - int(m.uordblks) - int(m.hblkhd)
+
+
+def malloc_trim_if_grown(threshold_mb: float) -> bool:
+    """:func:`malloc_trim` when the resident-but-unused memory (:func:`resident_unused_bytes`) has
+    grown by more than ``threshold_mb`` MiB since the last trim (always when it is 0 or unknown);
+    returns whether it trimmed. The heap is the process's, so is the state (module-level)."""
+    global _UNUSED_AFTER_TRIM
+    if threshold_mb > 0 and _UNUSED_AFTER_TRIM is not None:
+        unused = resident_unused_bytes()
+        if unused is not None and unused - _UNUSED_AFTER_TRIM <= threshold_mb * 2 ** 20:
+            _UNUSED_AFTER_TRIM = min(_UNUSED_AFTER_TRIM, unused)
+            return False
+    if not malloc_trim():
+        return False
+    if threshold_mb > 0:
+        _UNUSED_AFTER_TRIM = resident_unused_bytes()
+    return True
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The checkpointable decoder layers (transformers ``GradientCheckpointingLayer``), in order.
 
@@ -159,21 +220,24 @@ def plan_checkpointing(model: nn.Module, tokens: int, budget_gb: Optional[float]
 def _trim_forward_hook(module, args, output):
     if not (getattr(module, "_preftune_trim", False) and module.training and torch.is_grad_enabled()):
         return None
-    malloc_trim()
+    threshold = getattr(module, "_preftune_trim_threshold_mb", 0.0)
+    malloc_trim_if_grown(threshold)
     out = output[0] if isinstance(output, tuple) else output
     if isinstance(out, torch.Tensor) and out.requires_grad:
-        out.register_hook(_trim_grad_hook)
+        out.register_hook(partial(_trim_grad_hook, threshold))
     return None
 
 
-def _trim_grad_hook(grad):
-    malloc_trim()
+def _trim_grad_hook(threshold_mb, grad):
+    malloc_trim_if_grown(threshold_mb)
     return None
 
 
-def install_malloc_trim(model: nn.Module, enabled: bool = True) -> int:
-    """Trim the heap after every decoder layer's forward and before its backward (``enabled``), or
-    stop doing so. Idempotent; returns the number of layers hooked (0 without glibc)."""
+def install_malloc_trim(model: nn.Module, enabled: bool = True, threshold_mb: float = 0.0) -> int:
+    """After every decoder layer's forward and before its backward (``enabled``), trim the heap when
+    the resident-but-unused memory grew by more than ``threshold_mb`` MiB since the last trim
+    (:func:`malloc_trim_if_grown`; 0: trim every time); or stop doing so. Idempotent; returns the
+    number of layers hooked (0 without glibc)."""
     installed = getattr(model, "_preftune_trim_installed", False)
     if not installed and (not enabled or not _libc()):
         return 0
@@ -182,6 +246,7 @@ def install_malloc_trim(model: nn.Module, enabled: bool = True) -> int:
         if not installed:
             layer.register_forward_hook(_trim_forward_hook)
         layer._preftune_trim = enabled
+        layer._preftune_trim_threshold_mb = float(threshold_mb)
     model._preftune_trim_installed = True
     return len(layers)
 
@@ -204,9 +269,10 @@ def prepare_training_step(model: nn.Module, batch: dict[str, torch.Tensor], opti
     """Before a training forward: heap trimming hooks (``options.malloc_trim``), compiled layers
     (``options.compile_layers``) and the layer checkpointing plan for this batch
     (``options.max_activation_memory_gb``)."""
-    if options.malloc_trim != getattr(model, "_preftune_trim_enabled", False):
-        install_malloc_trim(model, options.malloc_trim)
-        model._preftune_trim_enabled = options.malloc_trim
+    trim = (options.malloc_trim, options.malloc_trim_threshold_mb)
+    if trim != getattr(model, "_preftune_trim_enabled", (False, None)):
+        install_malloc_trim(model, *trim)
+        model._preftune_trim_enabled = trim
     if options.compile_layers:
         install_compiled_layers(model)
     plan_checkpointing(model, int(batch["input_ids"].numel()), options.max_activation_memory_gb)

@@ -27,6 +27,7 @@ class EngineOptions:
     packed_attention: str = "blockwise"
     max_activation_memory_gb: Optional[float] = 2.0
     malloc_trim: bool = True
+    malloc_trim_threshold_mb: float = 0.0
     compile_layers: bool = False
     fused_lm_head: bool = False
     fused_lora: bool = False
@@ -35,6 +36,8 @@ class EngineOptions:
         if self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(f"--packed_attention must be one of {', '.join(PACKED_ATTENTION)}, "
                              f"got {self.packed_attention!r}")
+        if not self.malloc_trim_threshold_mb >= 0:
+            raise ValueError(f"--malloc_trim_threshold_mb must be >= 0, got {self.malloc_trim_threshold_mb}")
         budget = self.max_activation_memory_gb
         if budget is not None and not (budget > 0 or math.isinf(budget)):
             raise ValueError(f"--max_activation_memory_gb must be > 0 (inf: no limit), got {budget}")
