@@ -1,6 +1,7 @@
 """Failure-mode counts for the MT experiment outputs (see docs/mt-cpo.md).
 
-Usage: .venv/bin/python experiments/mt/analyze.py N SYSTEM... (reads experiments/out/mt/translations)
+Usage: .venv/bin/python experiments/mt/analyze.py [--translations DIR] N SYSTEM...
+(DIR default: experiments/out/mt/translations; the two-stage run: experiments/out/almar/translations)
 Prints, per system: mean output length in words relative to the reference, the share of outputs
 that echo a prompt label ("German:" / "English:"), that are mostly German (more German function
 words than English ones), and that end in a loop (a 3-word sequence repeated 4+ times).
@@ -23,13 +24,13 @@ def looped(words: list[str]) -> bool:
     return any(grams.count(g) >= 4 for g in set(grams))
 
 
-def main(n: int, systems: list[str]) -> None:
+def main(n: int, systems: list[str], translations: Path = ROOT / "experiments/out/mt/translations") -> None:
     refs = [r["translation"]["en"] for r in json.loads(
         (ROOT / ".." / "shared" / "data" / "wmt" / "valid.de-en.json").read_text())][:n]
     ref_len = sum(len(r.split()) for r in refs)
     rows = {}
     for s in systems:
-        hyps = (ROOT / "experiments/out/mt/translations" / s / "deen" / "test.de-en.en").read_text().splitlines()[:n]
+        hyps = (translations / s / "deen" / "test.de-en.en").read_text().splitlines()[:n]
         words = [h.split() for h in hyps]
         low = [[w.lower().strip(".,:;\"'") for w in ws] for ws in words]
         rows[s] = {
@@ -42,4 +43,8 @@ def main(n: int, systems: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:])
+    args = sys.argv[1:]
+    where = ROOT / "experiments/out/mt/translations"
+    if args[:1] == ["--translations"]:
+        where, args = Path(args[1]), args[2:]
+    main(int(args[0]), args[1:], where)

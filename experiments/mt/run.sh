@@ -5,7 +5,10 @@
 # Evaluation: first 500 sentences of WMT'21 de-en (valid.de-en.json), greedy, sacreBLEU.
 # Equal data and steps for every trained model. Every step is skipped when its output exists,
 # so the script can be re-run after an interruption (translation also resumes mid-file).
+# `experiments/mt/run.sh two-stage` runs the paper's two-stage recipe instead (SFT first, then CPO vs
+# more SFT with the model's own candidates: experiments/mt/run_almar.sh, issue 15).
 set -euo pipefail
+if [ "${1:-}" = two-stage ]; then exec bash "$(dirname "$0")/run_almar.sh"; fi
 cd "$(dirname "$0")/../.."
 PT=${PT:-.venv/bin/preftune}
 DATA=../shared/data/wmt
