@@ -16,8 +16,8 @@ Variants (``--variants``, comma list; every other flag at preftune's defaults):
 * ``fused_lora`` / ``fused_lm_head`` / ``compile_layers``: that experimental switch on
   (compile: ``--warmup`` raised to 2, the first steps compile);
 * ``no_budget``: ``--max_activation_memory_gb inf`` (never checkpoint; more memory);
-* ``no_trim``: ``--malloc_trim false``; ``trim128`` / ``trim256`` / ``trim512`` / ``trim1024``:
-  ``--malloc_trim_threshold_mb`` 128 / 256 / 512 / 1024 (trim only when that much freed memory is resident); ``mask``: ``--packed_attention mask``;
+* ``no_trim``: ``--malloc_trim false``; ``trim128`` / ``trim256`` / ``trim512`` / ``trim768`` / ``trim1024``:
+  ``--malloc_trim_threshold_mb`` 128 / 256 / 512 / 768 / 1024 (trim only when that much freed memory is resident); ``mask``: ``--packed_attention mask``;
 * ``all_fast``: fused_lora + fused_lm_head.
 """
 
@@ -48,6 +48,7 @@ VARIANTS = {
     "trim128": ["--malloc_trim_threshold_mb", "128"],
     "trim256": ["--malloc_trim_threshold_mb", "256"],
     "trim512": ["--malloc_trim_threshold_mb", "512"],
+    "trim768": ["--malloc_trim_threshold_mb", "768"],
     "trim1024": ["--malloc_trim_threshold_mb", "1024"],
     "mask": ["--packed_attention", "mask"],
 }

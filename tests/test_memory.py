@@ -386,7 +386,7 @@ def test_malloc_trim_hooks_follow_the_option(make_tiny_llama, monkeypatch):
     model = make_tiny_llama()
     model.train()
     batch = collate_pairs(pairs_of([(6, 4, 3)]))
-    configure_engine(model, max_activation_memory_gb=float("inf"), malloc_trim=True)
+    configure_engine(model, max_activation_memory_gb=float("inf"), malloc_trim=True, malloc_trim_threshold_mb=0)
     out = sequence_logps(model, batch)
     n_fwd = len(calls)
     assert n_fwd == 2  # one per decoder layer's forward
