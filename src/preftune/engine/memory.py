@@ -25,7 +25,10 @@ checkpoints automatically.
 next same-sized aligned request, so the heap keeps about as many free bytes as the forward saves
 (measured: 1.23 GB free next to 1.19 GB saved after one forward, 2 rows of 512 tokens).
 ``malloc_trim(0)`` after every decoder layer's forward and before its backward returns those
-pages to the system (peak RSS of that step 3.65 → 2.46 GB).
+pages to the system (peak RSS of that step 3.65 → 2.46 GB). Each trim costs time (the pages are
+faulted back in), so by default it runs only when the resident memory not held by malloc grew by
+``--malloc_trim_threshold_mb`` (768 MiB) since the last trim: the README main job's step 12.8 → 9.1 s
+for 3.59 → 3.71 GB peak (docs/performance.md).
 """
 
 from __future__ import annotations
