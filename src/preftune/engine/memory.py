@@ -27,8 +27,9 @@ next same-sized aligned request, so the heap keeps about as many free bytes as t
 ``malloc_trim(0)`` after every decoder layer's forward and before its backward returns those
 pages to the system (peak RSS of that step 3.65 → 2.46 GB). Each trim costs time (the pages are
 faulted back in), so by default it runs only when the resident memory not held by malloc grew by
-``--malloc_trim_threshold_mb`` (768 MiB) since the last trim: the README main job's step 12.8 → 9.1 s
-for 3.59 → 3.71 GB peak (docs/performance.md).
+``--malloc_trim_threshold_mb`` (256 MiB) since the last trim: on the README main job's shape a step
+12.8 → 10.3 s for 3.59 → 3.75 GB peak (768 MiB: 9.1 s, but the real-input main job passed 4 GB;
+docs/performance.md).
 """
 
 from __future__ import annotations

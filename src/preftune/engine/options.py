@@ -27,7 +27,7 @@ class EngineOptions:
     packed_attention: str = "blockwise"
     max_activation_memory_gb: Optional[float] = 2.0
     malloc_trim: bool = True
-    malloc_trim_threshold_mb: float = 768.0
+    malloc_trim_threshold_mb: float = 256.0
     compile_layers: bool = False
     fused_lm_head: bool = False
     fused_lora: bool = False
