@@ -32,14 +32,6 @@ def _setup_logging() -> None:
     transformers.logging.set_verbosity_warning()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from preftune.config import ConfigError
-    from preftune.data import DataError
-    from preftune.models import ModelLoadError
-
-    return ConfigError, DataError, ModelLoadError, FileNotFoundError
-
-
 def cmd_train(argv: list[str]) -> int:
     from preftune.cli_args import parse_groups
     from preftune.outputs import is_main_process
@@ -121,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     _setup_logging()
-    from preftune.guard import EXIT_NON_FINITE, NonFiniteError
+    from preftune.errors import EXIT_NON_FINITE, EXIT_USER_ERROR, USER_ERRORS, NonFiniteError
 
     try:
         return COMMANDS[command](rest)
@@ -130,12 +122,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"preftune {command}: error: {exc}", file=sys.stderr)
         return EXIT_NON_FINITE
-    except _user_errors() as exc:
+    except (*USER_ERRORS, FileNotFoundError) as exc:
         if os.environ.get("PREFTUNE_DEBUG"):
             raise
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         print(f"preftune {command}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from preftune.config import (
     LossArguments,
     ModelArguments,
     PeftArguments,
+    RunConfig,
 )
 
 
@@ -160,7 +161,8 @@ def make_parser(groups=TRAIN_GROUPS, prog: str = "preftune train") -> HfArgument
 
 
 def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune train") -> tuple:
-    """Parse ``[CONFIG.yaml] [--flag value …]`` into one instance per group (flags win over YAML).
+    """Parse ``[CONFIG.yaml] [--flag value …]`` into one instance per group (flags win over YAML):
+    a :class:`preftune.config.RunConfig` for the training groups, a tuple in ``groups``' order otherwise.
 
     Raises :class:`ConfigError` for an unknown flag or key (with the closest valid name), a
     missing or unreadable YAML file, and any group's own validation error.
@@ -201,7 +203,7 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
     parsed = [p for p in parsed if not hasattr(p, "config") or dataclasses.is_dataclass(p)]
     if remaining:
         raise ConfigError(f"unexpected arguments: {' '.join(remaining)}")
-    return tuple(parsed)
+    return RunConfig(*parsed) if tuple(groups) == tuple(TRAIN_GROUPS) else tuple(parsed)
 
 
 def config_to_yaml(groups: tuple) -> str:

@@ -10,7 +10,9 @@ and transformers. Training-loop settings (batch size, learning rate, schedulers,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, NamedTuple, Optional
+
+from preftune.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
@@ -23,10 +25,6 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 DEFAULT_BETA = {"cpo": 0.1, "simpo": 2.0, "cpo-simpo": 2.0, "orpo": 0.1, "dpo": 0.1, "sft": 0.1}
 # Default weight of the NLL ("BC") term per loss.
 DEFAULT_NLL_ALPHA = {"cpo": 1.0, "simpo": 0.0, "cpo-simpo": 1.0, "orpo": 1.0, "dpo": 0.0, "sft": 1.0}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the valid values."""
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -351,3 +349,20 @@ def resolve_reference_options(loss_args: LossArguments, engine_args: EngineArgum
     if has_ref_model:
         raise ConfigError("--loss rm takes no reference model: a reward model has no reference policy")
     engine_args.precompute_ref_log_probs = False  # nothing to precompute (and the resolved config says so)
+
+
+class RunConfig(NamedTuple):
+    """The configuration groups of one run, by name: what ``preftune train`` parses
+    (:func:`preftune.cli_args.parse_groups`), what a TRL-shaped config maps onto
+    (:meth:`preftune.trl_config._TRLConfig.preftune_groups`) and what :func:`preftune.train.setup` takes.
+
+    ``training`` is a :class:`transformers.TrainingArguments` (preftune's subclass or a TRL-shaped
+    config). Unpacks in this order: model, peft, data, loss, engine, training.
+    """
+
+    model: ModelArguments
+    peft: PeftArguments
+    data: DataArguments
+    loss: LossArguments
+    engine: EngineArguments
+    training: Any

@@ -1,9 +1,27 @@
-"""preftune's error types for models and runs (data errors: :class:`preftune.data.DataError`).
+"""preftune's error types, all in one place.
 
-The CLI prints these as one line and exits with status 2 (no traceback).
+The CLI (:mod:`preftune.cli`) prints every one of them as one line, without a traceback, and exits
+with :data:`EXIT_USER_ERROR` (bad configuration, data or model) or :data:`EXIT_NON_FINITE` (a run
+that produced non-finite numbers). Nothing here imports from preftune: every layer may raise them.
 """
 
 from __future__ import annotations
+
+EXIT_USER_ERROR = 2  # ConfigError, DataError, ModelLoadError (and UnsupportedModelError)
+EXIT_NON_FINITE = 3  # NonFiniteError
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the valid values."""
+
+
+class DataError(ValueError):
+    """Bad input data.
+
+    The message always names the file (or Hub id), the record (``line N`` for JSON-lines files,
+    ``record N`` otherwise, both 1-based) and, where one is at fault, the field
+    (:func:`preftune.data.errors.where` builds that prefix).
+    """
 
 
 class ModelLoadError(RuntimeError):
@@ -13,3 +31,14 @@ class ModelLoadError(RuntimeError):
 class UnsupportedModelError(ModelLoadError):
     """The model's architecture is not supported by a preftune path; the message names the model
     type and what is supported."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, loss term, gradient norm or weight.
+
+    The message is one line: the step, the batch's records, the non-finite terms and the last
+    finite (complete) checkpoint. The CLI prints it and exits with :data:`EXIT_NON_FINITE`.
+    """
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError)

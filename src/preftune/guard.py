@@ -34,21 +34,14 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
+from preftune.errors import EXIT_NON_FINITE, NonFiniteError  # noqa: F401  (EXIT_NON_FINITE re-exported)
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger("preftune.guard")
 
 NAN_POLICIES = ("stop", "skip_batch")
-EXIT_NON_FINITE = 3  # the CLI's exit status for NonFiniteError (input errors are 2)
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss, loss term, gradient norm or weight.
-
-    The message is one line: the step, the batch's records, the non-finite terms and the last
-    finite (complete) checkpoint. The CLI prints it and exits with status 3.
-    """
 
 
 # ---- test-only fault injection -------------------------------------------------------------------

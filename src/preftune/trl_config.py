@@ -31,6 +31,7 @@ from preftune.config import (
     LossArguments,
     ModelArguments,
     PeftArguments,
+    RunConfig,
 )
 
 
@@ -112,9 +113,9 @@ class _TRLConfig(PreftuneTrainingArguments):
                 if f.init and not f.name.startswith("_") and f.name not in skip and hasattr(self, f.name)}
 
     def preftune_groups(self, model_args: Optional[ModelArguments] = None,
-                        peft_args: Optional[PeftArguments] = None) -> tuple:
-        """``(ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments, self)``, the
-        tuple :func:`preftune.train.setup` and ``preftune.train(config)`` take.
+                        peft_args: Optional[PeftArguments] = None) -> RunConfig:
+        """The :class:`~preftune.config.RunConfig` (model, peft, data, loss, engine, training = ``self``)
+        that :func:`preftune.train.setup` and ``preftune.train(config)`` take.
 
         Raises :class:`ConfigError` (prefixed with the class name) for an invalid or unsupported value.
         """
@@ -131,7 +132,8 @@ class _TRLConfig(PreftuneTrainingArguments):
             if key not in consumed and value != supported:
                 raise ConfigError(f"{name}: {key}={value!r} is a TRL feature preftune does not implement; "
                                   f"leave it at {supported!r}")
-        return (model_args or ModelArguments(), peft_args or PeftArguments(), *groups, self)
+        data, loss, engine = groups
+        return RunConfig(model_args or ModelArguments(), peft_args or PeftArguments(), data, loss, engine, self)
 
 
 @dataclass

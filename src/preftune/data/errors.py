@@ -1,15 +1,10 @@
-"""The single error type of the data pipeline."""
+"""Where a data error happened: the ``file, record, field`` prefix of :class:`preftune.errors.DataError`."""
 
 from __future__ import annotations
 
+from preftune.errors import DataError
 
-class DataError(ValueError):
-    """Bad input data.
-
-    The message always names the file (or Hub id), the record (``line N`` for JSON-lines files,
-    ``record N`` otherwise, both 1-based) and, where one is at fault, the field. The CLI prints
-    it without a traceback and exits non-zero.
-    """
+__all__ = ["DataError", "where"]
 
 
 def where(source: str, location: str, field: str | None = None) -> str:
