@@ -268,7 +268,7 @@ def collate_for(model, pad_token_id: int | None = None):
 
     if not is_encoder_decoder(model):
         return collate_pairs if pad_token_id is None else functools.partial(collate_pairs, pad_token_id=pad_token_id)
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     config = unwrap_peft(model).config
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)

@@ -156,7 +156,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _text_config(model: nn.Module):
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     config = getattr(unwrap_peft(model), "config", None)
     return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config

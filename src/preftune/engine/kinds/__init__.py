@@ -62,7 +62,7 @@ def kind_for(model: nn.Module) -> ModelKind:
     for kind in KINDS:
         if kind.matches(model):
             return kind
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     base = unwrap_peft(model)
     model_type = getattr(getattr(base, "config", None), "model_type", "?")

@@ -27,7 +27,7 @@ def get_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         UnsupportedModelError: the model has no decoder/output embedding, or post-processes its
             logits (soft-capping or scaling), which the split would silently drop.
     """
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     base = unwrap_peft(model)
     config = getattr(base, "config", None)
@@ -53,7 +53,7 @@ class CausalKind:
     name = "causal"
 
     def matches(self, model: nn.Module) -> bool:
-        from preftune.models import unwrap_peft
+        from preftune.modeling import unwrap_peft
 
         base = unwrap_peft(model)
         if getattr(getattr(base, "config", None), "is_encoder_decoder", False):  # kinds/seq2seq.py

@@ -44,7 +44,7 @@ _COEF_ATTR = "_preftune_router_aux_loss_coef"
 
 
 def _text_config(model: nn.Module):
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     config = getattr(unwrap_peft(model), "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -71,7 +71,7 @@ def configure_router_aux(model: nn.Module, coef: Optional[float]) -> None:
     if not math.isfinite(coef) or coef < 0:
         raise ValueError(f"--router_aux_loss_coef must be a finite number >= 0, got {coef}")
     if coef > 0 and not has_router_logits(model):
-        from preftune.models import unwrap_peft
+        from preftune.modeling import unwrap_peft
 
         base = unwrap_peft(model)
         model_type = getattr(getattr(base, "config", None), "model_type", "?")
@@ -99,7 +99,7 @@ def router_aux_enabled(model: nn.Module) -> bool:
 
 def _experts(model: nn.Module) -> tuple[int, int]:
     """``(E, k)``: number of routed experts and experts per token."""
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     base = unwrap_peft(model)
     config = _text_config(model)
@@ -168,7 +168,7 @@ def router_aux_loss(model: nn.Module, outputs, batch: dict[str, torch.Tensor]) -
     """
     logits = getattr(outputs, "router_logits", None)
     if not logits:
-        from preftune.models import unwrap_peft
+        from preftune.modeling import unwrap_peft
 
         raise ValueError(f"{type(unwrap_peft(model)).__name__}: output_router_logits=True returned no router logits; "
                          "the auxiliary loss cannot be computed (set --router_aux_loss_coef 0 to train without it)")

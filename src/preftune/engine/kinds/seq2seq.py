@@ -36,7 +36,7 @@ _SCALED = ("t5",)  # types whose forward rescales the decoder output when config
 
 
 def _base(model: nn.Module) -> nn.Module:
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     return unwrap_peft(model)
 

@@ -24,7 +24,7 @@ HEAD_NAME = "score"
 
 
 def _base(model: nn.Module) -> nn.Module:
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     return unwrap_peft(model)
 

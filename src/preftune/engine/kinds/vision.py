@@ -146,7 +146,7 @@ def image_batch_inputs(pairs: list, placed: list, width: int) -> dict[str, torch
 
 
 def _base(model: nn.Module) -> nn.Module:
-    from preftune.models import unwrap_peft
+    from preftune.modeling import unwrap_peft
 
     return unwrap_peft(model)
 
