@@ -3,7 +3,7 @@ corrupted checkpoints, protected output directories, a shared reference cache, t
 
 Runs are CPO/DPO + LoRA on the tiny random model (tests/conftest.py). Kills are real: the run is a
 ``python -m preftune.cli train`` subprocess that SIGKILLs itself at a point named by
-``$PREFTUNE_FAULT`` (preftune.guard.fault_point); resumes and references run in-process.
+``$PREFTUNE_FAULT`` (preftune.faults.fault_point); resumes and references run in-process.
 """
 
 import json
@@ -22,7 +22,7 @@ from preftune.cli import main
 from preftune.cli_args import parse_groups
 from preftune.config import ConfigError
 from preftune.data.loading import demo_path
-from preftune.guard import EXIT_NON_FINITE, NonFiniteError
+from preftune.errors import EXIT_NON_FINITE, NonFiniteError
 from preftune.outputs import MARKER, latest_complete_checkpoint, prepare_output_dir, verify_complete
 from preftune.train import save, setup, train
 

@@ -34,7 +34,7 @@ def _setup_logging() -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from preftune.cli_args import parse_groups
-    from preftune.outputs import is_main_process
+    from preftune.distributed import is_main_process
     from preftune.train import run
 
     groups = parse_groups(argv)

@@ -1,4 +1,4 @@
-"""The non-finite guard (a run never trains on, logs away or saves NaN) and a test-only fault hook.
+"""The non-finite guard: a run never trains on, logs away or saves NaN.
 
 Checked on every update, at almost no cost (the values are already synchronised to the host for
 the logged metrics, and the Trainer computes the gradient norm anyway):
@@ -20,21 +20,18 @@ Logged losses are the real values: transformers' NaN filter (``--logging_nan_inf
 off by default in preftune, and under ``skip_batch`` the logged ``loss`` of a window is the mean
 over the updates that were applied (``nan`` when none was).
 
-:func:`fault_point` is a test-only hook: ``PREFTUNE_FAULT=checkpoint_write:2`` makes the process
-kill itself with SIGKILL the second time it reaches the ``checkpoint_write`` point (see
-``tests/test_reliability.py``). Without the variable it costs one dictionary lookup.
+The test-only kill points of ``tests/test_reliability.py`` are in :mod:`preftune.faults`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
-from preftune.errors import EXIT_NON_FINITE, NonFiniteError  # noqa: F401  (EXIT_NON_FINITE re-exported)
+from preftune.errors import NonFiniteError
+from preftune.faults import fault_point
 
 if TYPE_CHECKING:
     import torch
@@ -42,40 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("preftune.guard")
 
 NAN_POLICIES = ("stop", "skip_batch")
-
-
-# ---- test-only fault injection -------------------------------------------------------------------
-_FAULTS: Optional[dict[str, int]] = None
-_FAULT_COUNTS: dict[str, int] = {}
-
-
-def _parse_faults(spec: str) -> dict[str, int]:
-    faults = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, count = item.partition(":")
-        faults[name] = int(count or 1)
-    return faults
-
-
-def fault_point(name: str) -> None:
-    """Test hook: SIGKILL this process the N-th time it reaches ``name`` when
-    ``$PREFTUNE_FAULT`` holds ``name:N`` (comma-separated for several points).
-
-    Points: ``step`` (after the backward, before the optimiser step), ``checkpoint_write`` (the
-    checkpoint is written to its temporary directory, not yet renamed), ``reference`` (after a
-    batch of the reference pass), ``reference_write`` (reference cache written, not renamed),
-    ``final_save`` (final files written to the staging directory, not yet moved).
-    """
-    global _FAULTS
-    if _FAULTS is None:
-        _FAULTS = _parse_faults(os.environ.get("PREFTUNE_FAULT", ""))
-    if name not in _FAULTS:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == _FAULTS[name]:
-        logger.warning("PREFTUNE_FAULT: killing the process at %s #%d", name, _FAULT_COUNTS[name])
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- checks --------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 
 from preftune import distributed
+from preftune.distributed import is_main_process
 from preftune.engine.layout_seq2seq import collate_for
 from preftune.engine.logprobs import sequence_logps
-from preftune.guard import fault_point
-from preftune.outputs import is_main_process
+from preftune.faults import fault_point
 from preftune.types import TokenizedPair
 
 logger = logging.getLogger("preftune.engine")
