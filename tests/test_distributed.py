@@ -307,6 +307,30 @@ def test_forward_through_runs_hooks_and_restores_forward():
     assert forward_through(wrapped, lambda m: m is model)
 
 
+def test_forward_through_gives_ddp_with_device_ids_an_input():
+    """DDP built with ``device_ids`` (GPUs) moves the call's inputs with ``_to_kwargs`` and takes the
+    first: a call without inputs fails there (IndexError) before the forward runs. A wrapper named
+    like DDP that does exactly that stands in for it (no GPU here)."""
+    from torch.distributed.utils import _to_kwargs
+
+    from preftune.distributed import forward_through
+
+    class DistributedDataParallel(torch.nn.Module):  # the name inner_module unwraps
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *inputs, **kwargs):
+            moved, moved_kwargs = _to_kwargs(inputs, kwargs, torch.device("cpu"), False)
+            return self.module(*moved[0], **moved_kwargs[0])
+
+    with pytest.raises(IndexError):  # what DDP does with no inputs
+        DistributedDataParallel(torch.nn.Linear(3, 2))()
+    inner = torch.nn.Linear(3, 2)
+    out = forward_through(DistributedDataParallel(inner), lambda m: {"w": m.weight.sum()})
+    assert torch.equal(out["w"], inner.weight.sum())
+
+
 def test_metrics_reduce_without_process_group():
     from preftune.distributed import global_counts, reduce_stored_metrics
 

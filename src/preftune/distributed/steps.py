@@ -121,6 +121,10 @@ def forward_through(model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
     calls the decoder and the LM head directly, sees full parameters and arms the gradient
     reduction. ``fn``'s result should be a tensor or a dict / tuple of tensors (DDP looks for
     the tensors of the output). For an unwrapped module without hooks this is ``fn(model)``.
+
+    The wrapper is called with one placeholder input (a 0-d tensor, ignored): DDP built with
+    ``device_ids`` (every GPU run under accelerate) moves its inputs with ``_to_kwargs`` and takes
+    the first of them, which fails on a call without inputs.
     """
     inner = inner_module(model)
     missing = object()
@@ -131,7 +135,7 @@ def forward_through(model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
 
     inner.forward = forward
     try:
-        return model()
+        return model(torch.zeros(()))
     finally:
         if previous is missing:
             del inner.forward
