@@ -19,7 +19,7 @@ from preftune.cli import main
 from preftune.cli_args import TRAIN_GROUPS, _valid_names, parse_groups
 from preftune.config import ConfigError
 from preftune.errors import ModelLoadError
-from preftune.peft_utils import resolve_target_modules
+from preftune.models.peft import resolve_target_modules
 
 VALID = _valid_names(TRAIN_GROUPS)
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"

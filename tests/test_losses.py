@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from preftune import losses as L
-from preftune.config import LOSS_NAMES, LossArguments
+from preftune.config import LossArguments
+from preftune.losses import LOSS_NAMES
 from preftune.types import PolicyLogps
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
@@ -276,9 +277,28 @@ def test_get_loss_fn_unknown_lists_names():
     assert tuple(L.LOSS_FUNCTIONS) == LOSS_NAMES
 
 
-def test_variant_tables_match_config():
-    from preftune.config import CPO_LOSS_TYPES, DPO_LOSS_TYPES
-    assert tuple(L.CPO_VARIANTS) == CPO_LOSS_TYPES and tuple(L.DPO_VARIANTS) == DPO_LOSS_TYPES
+def test_loss_arguments_derive_from_the_table():
+    for name, spec in L.TABLE.items():
+        args = LossArguments(loss=name)
+        assert args.spec is spec and args.needs_reference == spec.needs_reference
+        assert args.is_reward_model == (spec.consumes == L.REWARDS)
+        for field_name, default in spec.defaults.items():
+            assert getattr(args, field_name) == default, (name, field_name)
+    assert LossArguments(loss="dpo").needs_reference and LossArguments(loss="rm").is_reward_model
+    assert LossArguments(loss="sft").beta is None  # sft has no temperature
+    with pytest.raises(Exception, match="--dpo_loss_type 'simpo' is not valid; choose one of: sigmoid, hinge"):
+        LossArguments(loss="dpo", dpo_loss_type="simpo")
+
+
+def test_loss_spec_refuses_inconsistent_entries():
+    with pytest.raises(ValueError, match="default of 'beta', which it does not read"):
+        L.LossSpec("x", L.sft_loss, reads=("label_smoothing",), defaults={"beta": 1.0})
+    with pytest.raises(ValueError, match="variants and variant_flag go together"):
+        L.LossSpec("x", L.cpo_loss, reads=("beta",), variants=L.CPO_VARIANTS)
+    with pytest.raises(ValueError, match="consumes 'unpaired_logps' is not one of"):
+        L.LossSpec("x", L.sft_loss, reads=(), consumes=L.UNPAIRED_LOGPS)
+    assert not L.TABLE["orpo"].takes_global_counts and L.TABLE["sft"].takes_global_counts
+    assert L.TABLE["dpo"].smoothed == ("sigmoid", "robust") and L.TABLE["orpo"].smoothed == ()
 
 
 def test_compute_loss_unknown_name():

@@ -20,15 +20,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from preftune.config import (
-    ConfigError,
-    DataArguments,
-    EngineArguments,
-    LossArguments,
-    ModelArguments,
-    PeftArguments,
-    RunConfig,
-)
+from preftune.config import GROUPS, RunConfig
+from preftune.errors import ConfigError
 
 
 @dataclass
@@ -116,8 +109,7 @@ class PreftuneTrainingArguments(TrainingArguments):
             self.use_cpu = True
 
 
-TRAIN_GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments,
-                PreftuneTrainingArguments)
+TRAIN_GROUPS = (*GROUPS, PreftuneTrainingArguments)  # RunConfig's order
 
 
 def _yaml_to_argv(config: dict[str, Any], source: str, valid: set[str]) -> list[str]:

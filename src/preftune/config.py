@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
 from preftune.errors import ConfigError
+from preftune.losses import LOSS_NAMES, REWARDS, LossSpec, get_spec
+from preftune.losses.table import defaults_of, losses_reading, variant_flags
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
-LOSS_NAMES = ("cpo", "simpo", "cpo-simpo", "orpo", "dpo", "sft", "rm")
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
-# Default beta per loss, as in the papers / TRL defaults.
-DEFAULT_BETA = {"cpo": 0.1, "simpo": 2.0, "cpo-simpo": 2.0, "orpo": 0.1, "dpo": 0.1, "sft": 0.1}
-# Default weight of the NLL ("BC") term per loss.
-DEFAULT_NLL_ALPHA = {"cpo": 1.0, "simpo": 0.0, "cpo-simpo": 1.0, "orpo": 1.0, "dpo": 0.0, "sft": 1.0}
+
+def _option(default: Any, help: str) -> Any:
+    """A configuration field: its default and its ``--help`` text."""
+    return field(default=default, metadata={"help": help})
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -199,26 +198,64 @@ class DataArguments:
                 f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_length ({self.max_length})")
 
 
+def _owners(field_name: str) -> str:
+    """``cpo/simpo/cpo-simpo``: the losses of the loss table that read ``field_name``."""
+    return "/".join(losses_reading(field_name))
+
+
+def _per_loss(field_name: str) -> str:
+    """``cpo 0.1, simpo 2.0, ...``: the per-loss defaults of ``field_name`` in the loss table."""
+    return ", ".join(f"{k} {v}" for k, v in defaults_of(field_name).items())
+
+
+def _not_reading(field_name: str) -> str:
+    """``sft, rm``: the losses that do not read ``field_name``."""
+    return ", ".join(name for name in LOSS_NAMES if name not in losses_reading(field_name))
+
+
+def _smoothed() -> str:
+    """``cpo sigmoid, simpo, cpo-simpo, dpo sigmoid/robust``: where label smoothing applies."""
+    parts = []
+    for name in LOSS_NAMES:
+        spec = get_spec(name)
+        if spec.variants and spec.smoothed:
+            parts.append(f"{name} {'/'.join(spec.smoothed)}")
+        elif spec.smoothed:
+            parts.append(name)
+    return ", ".join(parts)
+
+
+def _variant_help(flag: str) -> str:
+    return f"--loss {_owners(flag)}: preference term, one of {', '.join(variant_flags()[flag])}."
+
+
 @dataclass
 class LossArguments:
-    """Which preference objective and its hyper-parameters."""
+    """Which preference objective and its hyper-parameters.
+
+    Choices, per-loss defaults, which flag applies to which loss and the help texts come from the
+    loss table (:data:`preftune.losses.TABLE`; :attr:`spec` is this loss's entry).
+    """
 
     _argument_group_name = "loss"
 
     loss: str = field(default="cpo", metadata={"help": f"Objective: {', '.join(LOSS_NAMES)}."})
     beta: Optional[float] = field(
         default=None, metadata={"help": "Temperature / ORPO lambda. Default per loss: "
-                                + ", ".join(f"{k} {v}" for k, v in DEFAULT_BETA.items()) + " (rm: none)"})
-    cpo_loss_type: str = field(default="sigmoid", metadata={"help": f"CPO preference term: {', '.join(CPO_LOSS_TYPES)}."})
-    dpo_loss_type: str = field(default="sigmoid", metadata={"help": f"DPO variant: {', '.join(DPO_LOSS_TYPES)}."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (cpo sigmoid, simpo, dpo sigmoid/robust)."})
+                                f"{_per_loss('beta')} ({_not_reading('beta')}: none)"})
+    cpo_loss_type: str = field(default="sigmoid", metadata={"help": _variant_help("cpo_loss_type")})
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": _variant_help("dpo_loss_type")})
+    label_smoothing: float = field(default=0.0, metadata={"help": f"Label smoothing ({_smoothed()})."})
     cpo_alpha: Optional[float] = field(
-        default=None, metadata={"help": "Weight of the chosen NLL (BC regulariser) for cpo / cpo-simpo (default 1.0)."})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin gamma."})
-    rpo_alpha: Optional[float] = field(default=None, metadata={"help": "DPO: weight of the chosen NLL (RPO)."})
+        default=None, metadata={"help": f"Weight of the chosen NLL (BC regulariser) for {_owners('cpo_alpha')} "
+                                f"(default {_per_loss('cpo_alpha')})."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": f"{_owners('simpo_gamma')}: target reward margin gamma."})
+    rpo_alpha: Optional[float] = field(
+        default=None, metadata={"help": f"{_owners('rpo_alpha')}: weight of the chosen NLL (RPO). Default: none."})
     center_rewards_coefficient: Optional[float] = field(
-        default=None, metadata={"help": "rm: weight of the reward-centering term mean((r_c + r_r)^2) "
-                                "(Eisenstein et al. 2023), as in TRL's RewardConfig. Default: none."})
+        default=None, metadata={"help": f"{_owners('center_rewards_coefficient')}: weight of the reward-centering "
+                                "term mean((r_c + r_r)^2) (Eisenstein et al. 2023), as in TRL's RewardConfig. "
+                                "Default: none."})
     router_aux_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "Mixture-of-experts models: weight of the router load-balancing loss added "
                                 "to every loss (logged as aux_loss). Default: the model config's router_aux_loss_coef "
@@ -226,18 +263,22 @@ class LossArguments:
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, LOSS_NAMES)
-        _check_choice("cpo_loss_type", self.cpo_loss_type, CPO_LOSS_TYPES)
-        _check_choice("dpo_loss_type", self.dpo_loss_type, DPO_LOSS_TYPES)
-        if self.loss == "rm":
+        for flag, choices in variant_flags().items():
+            _check_choice(flag, getattr(self, flag), choices)
+        spec = self.spec
+        if self.is_reward_model:
             self._check_reward_model()
-        elif self.center_rewards_coefficient is not None:
-            raise ConfigError(f"--center_rewards_coefficient applies to --loss rm only, not {self.loss!r}")
-        if self.beta is None and self.loss != "rm":
-            self.beta = DEFAULT_BETA[self.loss]
+        owners = losses_reading("center_rewards_coefficient")
+        if self.center_rewards_coefficient is not None and self.loss not in owners:
+            raise ConfigError(f"--center_rewards_coefficient applies to --loss {'/'.join(owners)} only, "
+                              f"not {self.loss!r}")
+        for name, value in spec.defaults.items():  # the loss's own defaults for what was left unset
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if self.cpo_alpha is None:
-            self.cpo_alpha = DEFAULT_NLL_ALPHA[self.loss] if self.loss in ("cpo", "cpo-simpo") else 0.0
+            self.cpo_alpha = 0.0  # unset and not this loss's weight: off
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.cpo_alpha < 0 or (self.rpo_alpha is not None and self.rpo_alpha < 0):
@@ -247,27 +288,33 @@ class LossArguments:
             raise ConfigError(f"--router_aux_loss_coef must be a finite number >= 0, got {c}")
 
     def _check_reward_model(self) -> None:
-        """--loss rm: no temperature, no label smoothing; a finite coefficient >= 0 for centering."""
+        """A reward model (value-head rewards): no temperature, no label smoothing; a finite
+        coefficient >= 0 for centering."""
         import math
 
         if self.beta is not None:
-            raise ConfigError(f"--beta does not apply to --loss rm (the Bradley-Terry reward loss has no "
+            raise ConfigError(f"--beta does not apply to --loss {self.loss} (the Bradley-Terry reward loss has no "
                               f"temperature); drop it (got {self.beta})")
         if self.label_smoothing:
-            raise ConfigError(f"--label_smoothing does not apply to --loss rm (got {self.label_smoothing})")
+            raise ConfigError(f"--label_smoothing does not apply to --loss {self.loss} (got {self.label_smoothing})")
         c = self.center_rewards_coefficient
         if c is not None and not (math.isfinite(c) and c >= 0):
             raise ConfigError(f"--center_rewards_coefficient must be a finite number >= 0, got {c}")
 
     @property
+    def spec(self) -> LossSpec:
+        """This loss's entry of the loss table (:class:`preftune.losses.LossSpec`)."""
+        return get_spec(self.loss)
+
+    @property
     def needs_reference(self) -> bool:
-        """True for losses that compare against a frozen reference policy (the DPO family)."""
-        return self.loss == "dpo"
+        """True for losses that compare against a frozen reference policy (the DPO family): ``spec.needs_reference``."""
+        return self.spec.needs_reference
 
     @property
     def is_reward_model(self) -> bool:
-        """True for ``--loss rm``: a scalar-head reward model instead of a policy."""
-        return self.loss == "rm"
+        """True for a loss over value-head rewards (``--loss rm``): a scalar-head reward model instead of a policy."""
+        return self.spec.consumes == REWARDS
 
 
 @dataclass
@@ -276,45 +323,43 @@ class EngineArguments:
 
     _argument_group_name = "engine"
 
-    share_prompt: bool = field(
-        default=True, metadata={"help": "Prompt, chosen and rejected in one sequence; the prompt is computed once."})
-    padding_free: bool = field(
-        default=True, metadata={"help": "Pack several pairs per row up to --max_tokens_per_batch; no padding."})
-    max_tokens_per_batch: Optional[int] = field(
-        default=None, metadata={"help": "Token budget per packed row (default: the longest pair in the batch)."})
-    logprob_chunk_size: Optional[int] = field(
-        default=None, metadata={"help": "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block. "
-                                "Default: auto, about 2^25 logits per block (682 rows at V=49k)."})
-    flush_denormal: bool = field(
-        default=True, metadata={"help": "CPU: flush denormal floats to zero (torch.set_flush_denormal). Tiny "
-                                "LoRA updates make denormal gradients that slowed a CPO step 7x here."})
-    precompute_ref_log_probs: Optional[bool] = field(
-        default=None, metadata={"help": "DPO: compute reference log-probs once before training (cached on disk). "
-                                "Default: on (--loss rm has no reference and refuses it)."})
-    packed_attention: str = field(
-        default="blockwise", metadata={"help": "SDPA models: 'blockwise' (preftune's attention over the packed / "
-                                       "shared-prompt layout, memory linear in the row length) or 'mask' (a 4-D "
-                                       "mask handed to the model's SDPA, T^2 per row kept in every layer)."})
-    max_activation_memory_gb: Optional[float] = field(
-        default=2.0, metadata={"help": "Activations kept for the backward, GiB per step (estimated from the "
-                               "config): when a batch needs more, the first decoder layers are checkpointed, as "
-                               "few as fit. inf: never (--activation_checkpointing true: always, every layer)."})
-    malloc_trim: bool = field(
-        default=True, metadata={"help": "CPU, glibc: return free heap pages to the system after each decoder "
-                                "layer (glibc keeps about as much free heap as the activations otherwise)."})
-    malloc_trim_threshold_mb: float = field(
-        default=256.0, metadata={"help": "With --malloc_trim: trim only when the resident memory not in use by "
-                                 "malloc grew by more than this many MiB since the last trim (0: after every "
-                                 "layer; 256 measured 1.24x faster than 0 at +153 MB, docs/performance.md)."})
-    compile_layers: bool = field(
-        default=False, metadata={"help": "torch.compile each decoder layer (experimental speed path; the first "
-                                 "steps compile)."})
-    fused_lm_head: bool = field(
-        default=False, metadata={"help": "LM head: compute the logits' gradient in the forward of each chunk, "
-                                 "so the backward does not recompute the [chunk, V] block (experimental)."})
-    fused_lora: bool = field(
-        default=False, metadata={"help": "LoRA: add the scaled low-rank product into the base output in one addmm "
-                                 "(experimental; peft's own forward otherwise)."})
+    share_prompt: bool = _option(
+        True, "Prompt, chosen and rejected in one sequence; the prompt is computed once.")
+    padding_free: bool = _option(True, "Pack several pairs per row up to --max_tokens_per_batch; no padding.")
+    max_tokens_per_batch: Optional[int] = _option(
+        None, "Token budget per packed row (default: the longest pair in the batch).")
+    logprob_chunk_size: Optional[int] = _option(
+        None, "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block. Default: auto, "
+              "about 2^25 logits per block (682 rows at V=49k).")
+    flush_denormal: bool = _option(
+        True, "CPU: flush denormal floats to zero (torch.set_flush_denormal). Tiny LoRA updates make "
+              "denormal gradients that slowed a CPO step 7x here.")
+    precompute_ref_log_probs: Optional[bool] = _option(
+        None, "DPO: compute reference log-probs once before training (cached on disk). Default: on (--loss "
+              "rm has no reference and refuses it).")
+    packed_attention: str = _option(
+        "blockwise", "SDPA models: 'blockwise' (preftune's attention over the packed / shared-prompt "
+                     "layout, memory linear in the row length) or 'mask' (a 4-D mask handed to the model's "
+                     "SDPA, T^2 per row kept in every layer).")
+    max_activation_memory_gb: Optional[float] = _option(
+        2.0, "Activations kept for the backward, GiB per step (estimated from the config): when a batch "
+             "needs more, the first decoder layers are checkpointed, as few as fit. inf: never "
+             "(--activation_checkpointing true: always, every layer).")
+    malloc_trim: bool = _option(
+        True, "CPU, glibc: return free heap pages to the system after each decoder layer (glibc keeps about"
+              " as much free heap as the activations otherwise).")
+    malloc_trim_threshold_mb: float = _option(
+        256.0, "With --malloc_trim: trim only when the resident memory not in use by malloc grew by more "
+               "than this many MiB since the last trim (0: after every layer; 256 measured 1.24x faster "
+               "than 0 at +153 MB, docs/performance.md).")
+    compile_layers: bool = _option(
+        False, "torch.compile each decoder layer (experimental speed path; the first steps compile).")
+    fused_lm_head: bool = _option(
+        False, "LM head: compute the logits' gradient in the forward of each chunk, so the backward does "
+               "not recompute the [chunk, V] block (experimental).")
+    fused_lora: bool = _option(
+        False, "LoRA: add the scaled low-rank product into the base output in one addmm (experimental; "
+               "peft's own forward otherwise).")
 
     def __post_init__(self) -> None:
         _check_choice("packed_attention", self.packed_attention, ("blockwise", "mask"))
@@ -349,6 +394,10 @@ def resolve_reference_options(loss_args: LossArguments, engine_args: EngineArgum
     if has_ref_model:
         raise ConfigError("--loss rm takes no reference model: a reward model has no reference policy")
     engine_args.precompute_ref_log_probs = False  # nothing to precompute (and the resolved config says so)
+
+
+# preftune's configuration groups in RunConfig's order (the training arguments come last)
+GROUPS = (ModelArguments, PeftArguments, DataArguments, LossArguments, EngineArguments)
 
 
 class RunConfig(NamedTuple):

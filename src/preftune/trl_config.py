@@ -23,9 +23,6 @@ from typing import Any, ClassVar, Optional, Union
 
 from preftune.cli_args import PreftuneTrainingArguments
 from preftune.config import (
-    CPO_LOSS_TYPES,
-    DPO_LOSS_TYPES,
-    ConfigError,
     DataArguments,
     EngineArguments,
     LossArguments,
@@ -33,6 +30,12 @@ from preftune.config import (
     PeftArguments,
     RunConfig,
 )
+from preftune.errors import ConfigError
+from preftune.losses import TABLE
+
+# TRL loss_type values that are the variants of preftune's cpo / dpo losses (the loss table's)
+CPO_LOSS_TYPES = tuple(TABLE["cpo"].variants)
+DPO_LOSS_TYPES = tuple(TABLE["dpo"].variants)
 
 
 def _help(text: str) -> dict:
@@ -149,7 +152,7 @@ class CPOConfig(_TRLConfig):
     _trainer_name: ClassVar[str] = "CPO"
     _unsupported: ClassVar[dict[str, Any]] = {**_TRLConfig._unsupported, "alpha": 0.0}
 
-    loss_type: str = field(default="sigmoid", metadata=_help("sigmoid, hinge, ipo, simpo or alphapo."))
+    loss_type: str = field(default="sigmoid", metadata=_help(f"{', '.join(CPO_LOSS_TYPES)}, simpo or alphapo."))
     label_smoothing: float = field(default=0.0, metadata=_help("Label smoothing (sigmoid, simpo)."))
     cpo_alpha: float = field(default=1.0, metadata=_help("Weight of the BC (chosen NLL) term."))
     simpo_gamma: float = field(default=0.5, metadata=_help("SimPO target reward margin."))
@@ -207,7 +210,7 @@ class DPOConfig(_TRLConfig):
 
     truncation_mode: str = field(default="keep_start", metadata=_help("Prompt truncation: keep_start or keep_end."))
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
-                                 metadata=_help("sigmoid, hinge, ipo or robust; add sft for RPO."))
+                                 metadata=_help(f"{', '.join(DPO_LOSS_TYPES)}; add sft for RPO."))
     loss_weights: Optional[list[float]] = field(default=None, metadata=_help("Weights of the loss_type terms."))
     label_smoothing: float = field(default=0.0, metadata=_help("Label smoothing / robust DPO flip rate."))
     rpo_alpha: Optional[float] = field(default=None, metadata=_help("Weight of the chosen NLL (RPO)."))

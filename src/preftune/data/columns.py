@@ -10,13 +10,12 @@ that no record of any given file has is an error too (a typo would otherwise be 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Optional
 
 from .errors import DataError, where
-from .loading import RawData
+from .loading import RawData, json_object
 
 
 def parse_columns(spec: Any) -> dict[str, str]:
@@ -36,12 +35,8 @@ def parse_columns(spec: Any) -> dict[str, str]:
     else:
         for item in items:
             if isinstance(item, str) and item.lstrip().startswith("{"):
-                try:
-                    loaded = json.loads(item)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"--columns {item!r}: not a JSON object ({err.msg})") from None
-                if not isinstance(loaded, dict):
-                    raise ValueError(f"--columns {item!r}: expected a JSON object {{\"old\": \"new\"}}")
+                loaded = json_object(item, f"--columns {item!r}", error=ValueError, invalid="not a JSON object ({msg})",
+                                     not_object='expected a JSON object {{"old": "new"}}')
                 pairs += list(loaded.items())
             elif isinstance(item, str) and "=" in item:
                 pairs.append(tuple(item.split("=", 1)))

@@ -145,6 +145,25 @@ def _decode(data: bytes, path: str, number: int) -> str:
                         "save the file as UTF-8") from None
 
 
+def json_object(text: str, where: str, *, error: type[Exception] = DataError,
+                invalid: str = "not valid JSON ({msg} at column {col})",
+                not_object: str = "expected a JSON object, got {kind}") -> dict:
+    """``json.loads(text)``, which must be a JSON object.
+
+    Raises:
+        ``error`` (default :class:`DataError`): ``"{where}: "`` + ``invalid`` (formatted with the
+            parser's ``msg`` and ``col``) when ``text`` is not JSON, + ``not_object`` (formatted with
+            the value's type name ``kind``) when it is JSON but not an object.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: " + invalid.format(msg=err.msg, col=err.colno)) from None
+    if not isinstance(value, dict):
+        raise error(f"{where}: " + not_object.format(kind=type(value).__name__))
+    return value
+
+
 def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
     records: list[dict] = []
     locations: list[str] = []
@@ -156,13 +175,7 @@ def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
                 line = _decode(raw_line, path, number)
                 if not line.strip():
                     continue  # blank lines (e.g. a trailing newline) are not records
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-                records.append(record)
+                records.append(json_object(line, f"{path}, line {number}"))
                 locations.append(f"line {number}")
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({err})") from None

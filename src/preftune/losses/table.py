@@ -1,0 +1,223 @@
+"""The loss table: one :class:`LossSpec` per ``--loss`` name, and the dispatch over it.
+
+Everything else that knows about losses reads this table: :class:`preftune.config.LossArguments`
+(the ``--loss`` choices, per-loss defaults of ``--beta`` and the NLL weights, which flag applies to
+which loss, the variant choices of ``--cpo_loss_type`` / ``--dpo_loss_type``, the help texts,
+``needs_reference``), the ms-swift aliases (``--rlhf_type``) and the TRL-shaped configs
+(``loss_type`` choices). A new loss is one :class:`LossSpec` in :data:`TABLE` (DEVELOPERS.md,
+"Adding a loss").
+
+This module reads a ``LossArguments`` duck-typed (its field names, ``getattr``): the losses never
+import :mod:`preftune.config`, which imports them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Optional
+
+from preftune.types import LossOutput, PairRewards, PolicyLogps
+
+from .base import WHERE, LossFn, Variant
+from .cpo import CPO_VARIANTS, cpo_loss, cpo_simpo_loss, simpo_loss
+from .dpo import DPO_VARIANTS, dpo_loss
+from .orpo import orpo_loss
+from .reward import rm_loss
+from .sft import sft_loss
+
+# What a loss consumes: per-sequence policy log-probs of pairs (PolicyLogps), value-head rewards of
+# pairs (PairRewards), or - not implemented yet, for KTO - log-probs of unpaired completions.
+Consumes = Literal["logps", "rewards", "unpaired_logps"]
+LOGPS: Consumes = "logps"
+REWARDS: Consumes = "rewards"
+UNPAIRED_LOGPS: Consumes = "unpaired_logps"
+INPUT_TYPES: dict[str, type] = {LOGPS: PolicyLogps, REWARDS: PairRewards}
+
+# LossArguments fields that are the weight of a chosen-completion NLL term.
+NLL_WEIGHTS = ("cpo_alpha", "rpo_alpha")
+# Keywords a loss function may take that come from the trainer, not from LossArguments.
+GLOBAL_COUNTS = ("num_pairs_total", "nll_normaliser")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One ``--loss`` entry of the table.
+
+    Attributes:
+        name: the ``--loss`` value.
+        fn: the loss function ``fn(inputs, **hyper-parameters) -> LossOutput``; its inputs are the
+            kind named by ``consumes``.
+        reads: the :class:`~preftune.config.LossArguments` fields passed to ``fn`` as keywords of the
+            same name (the variant flag is passed as ``loss_type``, see ``variant_flag``).
+        defaults: per-loss default of a field in ``reads`` that the user left unset (``None``):
+            ``beta``, the NLL weight. A field not listed keeps its own default.
+        consumes: ``"logps"`` (:class:`~preftune.types.PolicyLogps` of pairs), ``"rewards"``
+            (:class:`~preftune.types.PairRewards` of a value head) or ``"unpaired_logps"`` (reserved).
+        needs_reference: the loss compares against a frozen reference policy (reference log-probs in
+            the input: precomputed or a live reference model).
+        variants: sub-variant name -> :class:`~preftune.losses.base.Variant` (its term, whether it
+            takes label smoothing); empty when the loss has none.
+        variant_flag: the LossArguments field that picks the variant (``cpo_loss_type``), passed to
+            ``fn`` as ``loss_type``; None without variants.
+        label_smoothing: a loss without variants takes ``--label_smoothing`` (with variants, each
+            :class:`Variant` says).
+        nll_weight: the NLL weight this loss owns (one of :data:`NLL_WEIGHTS`; it must be in
+            ``reads``); a non-zero value of another loss's weight is an error in :func:`compute_loss`.
+
+    Raises (at construction):
+        ValueError: an inconsistent entry (unknown ``consumes``, a default or NLL weight not in
+            ``reads``, variants without a flag or the reverse).
+    """
+
+    name: str
+    fn: LossFn
+    reads: tuple[str, ...]
+    defaults: Mapping[str, float] = field(default_factory=dict)
+    consumes: Consumes = LOGPS
+    needs_reference: bool = False
+    variants: Mapping[str, Variant] = field(default_factory=dict)
+    variant_flag: Optional[str] = None
+    label_smoothing: bool = False
+    nll_weight: Optional[str] = None
+    takes_global_counts: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        problems = [f"consumes {self.consumes!r} is not one of {', '.join(INPUT_TYPES)}"
+                    ] if self.consumes not in INPUT_TYPES else []
+        problems += [f"default of {k!r}, which it does not read" for k in self.defaults if k not in self.reads]
+        if self.nll_weight is not None and (self.nll_weight not in NLL_WEIGHTS or self.nll_weight not in self.reads):
+            problems.append(f"nll_weight {self.nll_weight!r} is not one of {NLL_WEIGHTS} in reads")
+        if bool(self.variants) != (self.variant_flag is not None):
+            problems.append("variants and variant_flag go together")
+        if problems:
+            raise ValueError(f"{WHERE}: loss table entry {self.name!r}: " + "; ".join(problems))
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "variants", MappingProxyType(dict(self.variants)))
+        keywords = set(inspect.signature(self.fn).parameters)
+        object.__setattr__(self, "takes_global_counts", all(k in keywords for k in GLOBAL_COUNTS))
+
+    @property
+    def smoothed(self) -> tuple[str, ...]:
+        """The variants that take label smoothing; ``(name,)`` / ``()`` for a loss without variants."""
+        if not self.variants:
+            return (self.name,) if self.label_smoothing else ()
+        return tuple(k for k, v in self.variants.items() if v.uses_label_smoothing)
+
+    def hparams(self, args: Any) -> dict[str, Any]:
+        """The keywords of :attr:`fn` from ``args`` (a LossArguments, read by field name)."""
+        out = {name: getattr(args, name) for name in self.reads}
+        if self.variant_flag is not None:
+            out["loss_type"] = getattr(args, self.variant_flag)
+        return out
+
+
+def _table(*specs: LossSpec) -> dict[str, LossSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+_SIMPO_READS = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha")
+
+#: ``--loss`` name -> :class:`LossSpec`, in ``--help`` order. Adding a loss: one entry here.
+TABLE: dict[str, LossSpec] = _table(
+    LossSpec("cpo", cpo_loss, reads=("beta", "label_smoothing", "cpo_alpha"), defaults={"beta": 0.1, "cpo_alpha": 1.0},
+             variants=CPO_VARIANTS, variant_flag="cpo_loss_type", nll_weight="cpo_alpha"),
+    LossSpec("simpo", simpo_loss, reads=_SIMPO_READS, defaults={"beta": 2.0, "cpo_alpha": 0.0},
+             label_smoothing=True, nll_weight="cpo_alpha"),
+    LossSpec("cpo-simpo", cpo_simpo_loss, reads=_SIMPO_READS, defaults={"beta": 2.0, "cpo_alpha": 1.0},
+             label_smoothing=True, nll_weight="cpo_alpha"),
+    LossSpec("orpo", orpo_loss, reads=("beta", "label_smoothing"), defaults={"beta": 0.1}),
+    LossSpec("dpo", dpo_loss, reads=("beta", "label_smoothing", "rpo_alpha"), defaults={"beta": 0.1},
+             needs_reference=True, variants=DPO_VARIANTS, variant_flag="dpo_loss_type", nll_weight="rpo_alpha"),
+    LossSpec("sft", sft_loss, reads=("label_smoothing",)),
+    LossSpec("rm", rm_loss, reads=("center_rewards_coefficient",), consumes=REWARDS),
+)
+
+LOSS_NAMES: tuple[str, ...] = tuple(TABLE)
+LOSS_FUNCTIONS: dict[str, LossFn] = {name: spec.fn for name, spec in TABLE.items()}
+
+
+def losses_reading(field_name: str) -> tuple[str, ...]:
+    """The ``--loss`` names whose entry reads the LossArguments field ``field_name``, in table order."""
+    return tuple(name for name, spec in TABLE.items() if field_name in spec.reads or field_name == spec.variant_flag)
+
+
+def defaults_of(field_name: str) -> dict[str, float]:
+    """``--loss`` name -> its default for ``field_name``, for the entries that give one."""
+    return {name: spec.defaults[field_name] for name, spec in TABLE.items() if field_name in spec.defaults}
+
+
+def variant_flags() -> dict[str, tuple[str, ...]]:
+    """Variant flag (``cpo_loss_type`` ...) -> its choices, the variant names of the entry that owns it."""
+    return {spec.variant_flag: tuple(spec.variants) for spec in TABLE.values() if spec.variant_flag is not None}
+
+
+def nll_weight_owners() -> dict[str, tuple[str, ...]]:
+    """NLL weight field -> the ``--loss`` names that own it (``cpo_alpha``: cpo, simpo, cpo-simpo)."""
+    owners: dict[str, tuple[str, ...]] = {}
+    for name, spec in TABLE.items():
+        if spec.nll_weight is not None:
+            owners[spec.nll_weight] = (*owners.get(spec.nll_weight, ()), name)
+    return owners
+
+
+def get_spec(name: str) -> LossSpec:
+    """The table entry of ``name`` (a ``--loss`` value).
+
+    Raises:
+        ValueError: ``name`` is unknown; the message lists the valid names.
+    """
+    try:
+        return TABLE[name]
+    except KeyError:
+        raise ValueError(f"{WHERE}: unknown loss {name!r}; valid: {', '.join(TABLE)}") from None
+
+
+def get_loss_fn(name: str) -> LossFn:
+    """The loss function registered under ``name`` (a ``--loss`` value).
+
+    Raises:
+        ValueError: ``name`` is unknown; the message lists the valid names.
+    """
+    return get_spec(name).fn
+
+
+def compute_loss(logps: PolicyLogps | PairRewards, args: Any, *, num_pairs_total: Optional[float] = None,
+                 nll_normaliser: Optional[float] = None) -> LossOutput:
+    """Run the loss ``args.loss`` with its hyper-parameters from ``args`` on ``logps``.
+
+    Args:
+        logps: ``PolicyLogps`` of B pairs (``(B,)`` tensors; reference sums for ``dpo``), or
+            :class:`PairRewards` for ``rm`` (what the entry ``consumes``).
+        args: a validated :class:`preftune.config.LossArguments` (read by field name: ``loss``, the
+            entry's ``reads``, its variant flag and every NLL weight).
+        num_pairs_total, nll_normaliser: the global batch's pairs and chosen completion tokens,
+            passed to the losses that take them (those with an NLL term; see :mod:`preftune.losses`);
+            ignored by the others (their terms are per pair).
+
+    Returns:
+        ``LossOutput``; ``losses.mean()`` is the batch loss (with the global counts,
+        ``losses.sum() / num_pairs_total`` is this batch's share of the global batch loss).
+
+    Raises:
+        ValueError: unknown loss name, inputs of the wrong kind, an NLL weight (``cpo_alpha`` /
+            ``rpo_alpha``) set to a non-zero value for a loss that does not own it, or any error of
+            the loss itself.
+    """
+    spec = get_spec(args.loss)
+    wants_rewards = spec.consumes == REWARDS
+    if isinstance(logps, PairRewards) != wants_rewards:
+        raise ValueError(f"{WHERE}: loss {args.loss!r} takes {INPUT_TYPES[spec.consumes].__name__}, "
+                         f"got {type(logps).__name__}")
+    for weight, owners in nll_weight_owners().items():
+        if getattr(args, weight) and args.loss not in owners:
+            raise ValueError(f"{WHERE}: --{weight} applies to --loss {'/'.join(owners)} only, "
+                             f"not {args.loss!r} (got {getattr(args, weight)})")
+    hparams = spec.hparams(args)
+    if spec.takes_global_counts:
+        for name, value in (("num_pairs_total", num_pairs_total), ("nll_normaliser", nll_normaliser)):
+            if value is not None:
+                hparams[name] = value
+    return spec.fn(logps, **hparams)
