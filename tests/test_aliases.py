@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_llama
 
-from preftune import aliases
 from preftune.aliases import HELP_TITLE, SWIFT2_DEFAULTS_RELEASE, SWIFT_DEFAULTS_RELEASE, apply_aliases
 from preftune.cli import main
 from preftune.cli_args import TRAIN_GROUPS, _valid_names, parse_groups
@@ -143,7 +142,7 @@ def test_orpo_script_flags_and_defaults(monkeypatch):
     have_flash = importlib.util.find_spec("flash_attn") is not None
     assert g["model"].attn_implementation == ("flash_attention_2" if have_flash else "sdpa")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(aliases.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
     assert apply_aliases(["--use_flash_attention", "True"], VALID).argv == ["--attn_implementation", "flash_attention_2"]
     assert apply_aliases(["--use_flash_attention", "false"], VALID).argv == []

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 
 from preftune.errors import ConfigError
 from preftune.losses import LOSS_NAMES, REWARDS, LossSpec, get_spec
-from preftune.losses.table import defaults_of, losses_reading, variant_flags
+from preftune.losses.table import defaults_text, losses_reading, readers_text, smoothing_text, variant_flags
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
@@ -198,35 +198,8 @@ class DataArguments:
                 f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_length ({self.max_length})")
 
 
-def _owners(field_name: str) -> str:
-    """``cpo/simpo/cpo-simpo``: the losses of the loss table that read ``field_name``."""
-    return "/".join(losses_reading(field_name))
-
-
-def _per_loss(field_name: str) -> str:
-    """``cpo 0.1, simpo 2.0, ...``: the per-loss defaults of ``field_name`` in the loss table."""
-    return ", ".join(f"{k} {v}" for k, v in defaults_of(field_name).items())
-
-
-def _not_reading(field_name: str) -> str:
-    """``sft, rm``: the losses that do not read ``field_name``."""
-    return ", ".join(name for name in LOSS_NAMES if name not in losses_reading(field_name))
-
-
-def _smoothed() -> str:
-    """``cpo sigmoid, simpo, cpo-simpo, dpo sigmoid/robust``: where label smoothing applies."""
-    parts = []
-    for name in LOSS_NAMES:
-        spec = get_spec(name)
-        if spec.variants and spec.smoothed:
-            parts.append(f"{name} {'/'.join(spec.smoothed)}")
-        elif spec.smoothed:
-            parts.append(name)
-    return ", ".join(parts)
-
-
 def _variant_help(flag: str) -> str:
-    return f"--loss {_owners(flag)}: preference term, one of {', '.join(variant_flags()[flag])}."
+    return f"--loss {readers_text(flag)}: preference term, one of {', '.join(variant_flags()[flag])}."
 
 
 @dataclass
@@ -239,23 +212,19 @@ class LossArguments:
 
     _argument_group_name = "loss"
 
-    loss: str = field(default="cpo", metadata={"help": f"Objective: {', '.join(LOSS_NAMES)}."})
-    beta: Optional[float] = field(
-        default=None, metadata={"help": "Temperature / ORPO lambda. Default per loss: "
-                                f"{_per_loss('beta')} ({_not_reading('beta')}: none)"})
-    cpo_loss_type: str = field(default="sigmoid", metadata={"help": _variant_help("cpo_loss_type")})
-    dpo_loss_type: str = field(default="sigmoid", metadata={"help": _variant_help("dpo_loss_type")})
-    label_smoothing: float = field(default=0.0, metadata={"help": f"Label smoothing ({_smoothed()})."})
-    cpo_alpha: Optional[float] = field(
-        default=None, metadata={"help": f"Weight of the chosen NLL (BC regulariser) for {_owners('cpo_alpha')} "
-                                f"(default {_per_loss('cpo_alpha')})."})
-    simpo_gamma: float = field(default=0.5, metadata={"help": f"{_owners('simpo_gamma')}: target reward margin gamma."})
-    rpo_alpha: Optional[float] = field(
-        default=None, metadata={"help": f"{_owners('rpo_alpha')}: weight of the chosen NLL (RPO). Default: none."})
-    center_rewards_coefficient: Optional[float] = field(
-        default=None, metadata={"help": f"{_owners('center_rewards_coefficient')}: weight of the reward-centering "
-                                "term mean((r_c + r_r)^2) (Eisenstein et al. 2023), as in TRL's RewardConfig. "
-                                "Default: none."})
+    loss: str = _option("cpo", f"Objective: {', '.join(LOSS_NAMES)}.")
+    beta: Optional[float] = _option(None, f"Temperature / ORPO lambda. Default per loss: {defaults_text('beta')}")
+    cpo_loss_type: str = _option("sigmoid", _variant_help("cpo_loss_type"))
+    dpo_loss_type: str = _option("sigmoid", _variant_help("dpo_loss_type"))
+    label_smoothing: float = _option(0.0, f"Label smoothing ({smoothing_text()}).")
+    cpo_alpha: Optional[float] = _option(
+        None, f"Weight of the chosen NLL (BC regulariser). Default per loss: {defaults_text('cpo_alpha')}.")
+    simpo_gamma: float = _option(0.5, f"{readers_text('simpo_gamma')}: target reward margin gamma.")
+    rpo_alpha: Optional[float] = _option(
+        None, f"{readers_text('rpo_alpha')}: weight of the chosen NLL (RPO). Default: none.")
+    center_rewards_coefficient: Optional[float] = _option(
+        None, f"{readers_text('center_rewards_coefficient')}: weight of the reward-centering term "
+              "mean((r_c + r_r)^2) (Eisenstein et al. 2023), as in TRL's RewardConfig. Default: none.")
     router_aux_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "Mixture-of-experts models: weight of the router load-balancing loss added "
                                 "to every loss (logged as aux_loss). Default: the model config's router_aux_loss_coef "

@@ -163,6 +163,28 @@ def nll_weight_owners() -> dict[str, tuple[str, ...]]:
     return owners
 
 
+def readers_text(field_name: str) -> str:
+    """``cpo/simpo/cpo-simpo``: :func:`losses_reading` as one word, for help texts."""
+    return "/".join(losses_reading(field_name))
+
+
+def defaults_text(field_name: str) -> str:
+    """``cpo 0.1, simpo 2.0, ... (sft, rm: none)``: the per-loss defaults of ``field_name``, and the
+    losses that do not read it (when some do not), for help texts."""
+    text = ", ".join(f"{k} {v}" for k, v in defaults_of(field_name).items())
+    rest = [name for name in TABLE if name not in losses_reading(field_name)]
+    return text + (f" ({', '.join(rest)}: none)" if rest else "")
+
+
+def smoothing_text() -> str:
+    """``cpo sigmoid, simpo, cpo-simpo, dpo sigmoid/robust``: where label smoothing applies, for help texts."""
+    parts = []
+    for name, spec in TABLE.items():
+        if spec.smoothed:
+            parts.append(f"{name} {'/'.join(spec.smoothed)}" if spec.variants else name)
+    return ", ".join(parts)
+
+
 def get_spec(name: str) -> LossSpec:
     """The table entry of ``name`` (a ``--loss`` value).
 
