@@ -122,7 +122,8 @@ _SIMPO_READS = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha")
 
 #: ``--loss`` name -> :class:`LossSpec`, in ``--help`` order. Adding a loss: one entry here.
 TABLE: dict[str, LossSpec] = _table(
-    LossSpec("cpo", cpo_loss, reads=("beta", "label_smoothing", "cpo_alpha"), defaults={"beta": 0.1, "cpo_alpha": 1.0},
+    LossSpec("cpo", cpo_loss, reads=("beta", "label_smoothing", "cpo_alpha"),
+             defaults={"beta": 0.1, "cpo_alpha": 1.0},
              variants=CPO_VARIANTS, variant_flag="cpo_loss_type", nll_weight="cpo_alpha"),
     LossSpec("simpo", simpo_loss, reads=_SIMPO_READS, defaults={"beta": 2.0, "cpo_alpha": 0.0},
              label_smoothing=True, nll_weight="cpo_alpha"),
