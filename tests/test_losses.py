@@ -95,7 +95,11 @@ def _naive(loss, loss_type, hp, c, r, lc, lr, rc=None, rr=None):
               "cpo-simpo": hp.get("cpo_alpha", 0.0), "orpo": 1.0, "sft": 1.0,
               "dpo": hp.get("rpo_alpha") or 0.0}[loss]
     batch = sum(terms) / n + weight * nll
-    metrics = {"logps/chosen": sum(v.item() for v in used_c) / n,
+    metrics = {"rewards/chosen": sum(v.item() for v in cw) / n,
+               "rewards/rejected": sum(v.item() for v in rw) / n,
+               "rewards/accuracies": sum(c.item() > r.item() for c, r in zip(cw, rw)) / n,
+               "rewards/margins": sum(c.item() - r.item() for c, r in zip(cw, rw)) / n,
+               "logps/chosen": sum(v.item() for v in used_c) / n,
                "logps/rejected": sum(v.item() for v in used_r) / n,
                "nll_loss": nll.item() if weight else 0.0, **extra}
     return batch, [v.item() for v in cw], [v.item() for v in rw], metrics

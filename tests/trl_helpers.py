@@ -20,7 +20,6 @@ from preftune.config import LossArguments
 from preftune.engine.layout import collate_pairs
 from preftune.engine.logprobs import sequence_logps
 from preftune.losses import compute_loss
-from preftune.trainer import preference_metrics
 from preftune.types import TokenizedPair
 
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
@@ -188,7 +187,7 @@ def preftune_step(model, pairs: list[TokenizedPair], loss_args: LossArguments, *
             ref = sequence_logps(ref_model, batch, chunk_size)
         logps.ref_chosen_logps, logps.ref_rejected_logps = ref.chosen_logps, ref.rejected_logps
     out = compute_loss(logps, loss_args)
-    return out.losses.mean(), {k: float(v) for k, v in preference_metrics(logps, out).items()}
+    return out.losses.mean(), {k: float(v) for k, v in out.metrics.items()}  # TRL's names (rewards/*, logps/*)
 
 
 def clone(model):

@@ -210,12 +210,19 @@ def loss_output(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
                 logged_chosen: torch.Tensor, logged_rejected: torch.Tensor, nll: Optional[torch.Tensor],
                 **extra: torch.Tensor) -> LossOutput:
     """The :class:`LossOutput` of a log-prob loss: ``losses (B,)``, detached rewards ``(B,)`` and
-    TRL's scalar metrics ``logps/chosen`` / ``logps/rejected`` (batch means of ``logged_*``),
+    TRL's scalar metrics: ``rewards/chosen``, ``rewards/rejected`` (batch means of the rewards),
+    ``rewards/accuracies`` (share of pairs with chosen reward > rejected), ``rewards/margins`` (mean
+    chosen - rejected), ``logps/chosen`` / ``logps/rejected`` (batch means of ``logged_*``),
     ``nll_loss`` (mean of ``nll``, 0 when None) plus the detached ``extra`` scalars."""
+    chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
     metrics = {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+        "rewards/margins": (chosen - rejected).mean(),
         "logps/chosen": logged_chosen.detach().mean(),
         "logps/rejected": logged_rejected.detach().mean(),
         "nll_loss": nll.detach().mean() if nll is not None else _zero(losses),
     }
     metrics.update({k: v.detach() for k, v in extra.items()})
-    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), metrics)
+    return LossOutput(losses, chosen, rejected, metrics)
