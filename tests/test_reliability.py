@@ -313,3 +313,50 @@ def test_skip_batch_skips_counts_and_stops(tiny_model_dir, tmp_path):
     with pytest.raises(NonFiniteError, match=r"at step 3 .*skipped 2 times, more than --max_skipped_batches 1"):
         train(run)
 
+
+
+def test_skip_batch_under_the_fp16_grad_scaler_applies_nothing():
+    """A skipped update under the fp16 GradScaler: the Trainer's norm computation has unscaled the
+    gradients already (the scaler's inf check is done), so the skip must take the gradients away
+    rather than fill them with inf (which the optimiser would then apply)."""
+    from types import SimpleNamespace
+
+    from preftune.guard import GuardedTrainerMixin, NonFiniteGuard
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    class Base:
+        def _get_grad_norm(self, model, grad_norm=None):  # the Trainer: accelerate unscales, then the norm
+            scaler.unscale_(optimizer)
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+
+    class Trainer(GuardedTrainerMixin, Base):
+        pass
+
+    trainer = Trainer()
+    trainer.accelerator = SimpleNamespace(scaler=scaler)
+    trainer.state = SimpleNamespace(global_step=0)
+    trainer._tr_loss = torch.zeros(())
+    trainer._guard = NonFiniteGuard("skip_batch", max_skipped_batches=5)
+    loss = model(torch.randn(3, 4)).sum()
+    assert not trainer.guard.check_batch(1, torch.tensor(float("nan")), {}, lambda: [])  # a bad micro-batch
+    scaler.scale(loss).backward()
+    trainer._get_grad_norm(model)
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert trainer.guard.skipped == 1
+
+
+def test_skip_batch_with_deepspeed_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from preftune.guard import check_nan_policy
+
+    check_nan_policy(SimpleNamespace(nan_policy="skip_batch", deepspeed=None))
+    check_nan_policy(SimpleNamespace(nan_policy="stop", deepspeed="zero2.json"))
+    with pytest.raises(ConfigError, match="skip_batch does not work with --deepspeed"):
+        check_nan_policy(SimpleNamespace(nan_policy="skip_batch", deepspeed="zero2.json"))

@@ -199,6 +199,21 @@ class NonFiniteGuard:
             raise NonFiniteError(f"non-finite weights before {what}: {shown}; not saved; {self._checkpoint_text()}")
 
 
+def check_nan_policy(args: Any) -> None:
+    """Refuse what the guard cannot honour: ``--nan_policy skip_batch`` under DeepSpeed, whose engine
+    applies the optimiser step inside the backward, before the guard sees the gradient norm (so no
+    update could be skipped).
+
+    Raises:
+        preftune.errors.ConfigError: ``skip_batch`` with ``--deepspeed``.
+    """
+    from preftune.errors import ConfigError
+
+    if getattr(args, "nan_policy", "stop") == "skip_batch" and getattr(args, "deepspeed", None):
+        raise ConfigError("--nan_policy skip_batch does not work with --deepspeed (DeepSpeed applies the update "
+                          "inside the backward, before it could be skipped); use --nan_policy stop")
+
+
 class GuardedTrainerMixin:
     """``transformers.Trainer`` hooks of the guard (mixed into :class:`preftune.trainer.PreferenceTrainer`).
 
@@ -210,6 +225,7 @@ class GuardedTrainerMixin:
     @property
     def guard(self) -> NonFiniteGuard:
         if getattr(self, "_guard", None) is None:
+            check_nan_policy(self.args)
             from preftune.outputs import latest_complete_checkpoint
 
             out = self.args.output_dir
@@ -252,12 +268,10 @@ class GuardedTrainerMixin:
         if skip:
             if applied is not None:
                 self._tr_loss -= applied
-            if scaler is not None:  # let the fp16 loss scaler skip the step (it sees an inf gradient)
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(float("inf"))
-            else:  # no gradient: torch optimisers leave the parameter and its state untouched
-                model.zero_grad(set_to_none=True)
+            # no gradient: torch optimisers leave the parameter and its state untouched. Under the fp16
+            # GradScaler too: the gradients were unscaled (and its inf check made) to compute the norm,
+            # so gradients filled with inf now would be applied, not skipped.
+            model.zero_grad(set_to_none=True)
         return grad_norm
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
