@@ -46,7 +46,8 @@ def _build_trl(spec: dict, out_dir: str):
     from trl import RewardConfig, RewardTrainer
 
     from preftune.config import ModelArguments
-    from preftune.models import resolve_model_source, reward_model_loading
+    from preftune.engine.kinds.value_head import reward_model_loading
+    from preftune.models import resolve_model_source
 
     source = resolve_model_source(ModelArguments())
     tok = AutoTokenizer.from_pretrained(source)

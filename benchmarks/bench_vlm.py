@@ -126,7 +126,7 @@ def _common(spec: dict, out_dir: str) -> dict:
 def _lm_targets(model_dir: str) -> list[str]:
     from transformers import AutoModelForImageTextToText
 
-    from preftune.models_vision import vision_lora_targets
+    from preftune.engine.kinds.vision import vision_lora_targets
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     for name, p in model.named_parameters():
@@ -145,7 +145,7 @@ def worker_preftune(spec: dict, out_dir: str) -> dict:
              "--save_strategy", "no", "--report_to", "none", "--output_dir", out_dir, "--seed", "0",
              "--dataloader_num_workers", "0", "--use_cpu", "true"]
     groups = parse_groups(flags)
-    import preftune.models_vision as mv
+    import preftune.models.load as mv
 
     counter = {}
     original = mv.load_vision_model

@@ -49,7 +49,7 @@ def _preftune_trainer(model, pairs, out_dir, batch, chunk=None):
     from preftune.cli_args import PreftuneTrainingArguments
     from preftune.config import EngineArguments, LossArguments, PeftArguments
     from preftune.models import prepare_for_gradient_checkpointing
-    from preftune.peft_utils import apply_peft
+    from preftune.models.peft import apply_peft
     from preftune.trainer import PreferenceTrainer
     from preftune.types import TokenizedPair
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from preftune.engine.layout import build_attention_mask, collate_pairs
-from preftune.engine.logprobs import sequence_logps, token_logps
+from preftune.engine.lm_head import token_logps
+from preftune.engine.logprobs import sequence_logps
 from preftune.types import TokenizedPair
 
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
@@ -185,7 +186,7 @@ def test_flex_attention_block_mask_matches_naive(make_tiny_llama, share_prompt):
 
 
 def test_flash_attention_refuses_shared_prompt_mask(make_tiny_llama):
-    from preftune.engine.logprobs import attention_inputs
+    from preftune.engine.attention import attention_inputs
 
     model = make_tiny_llama()
     model.config._attn_implementation = "flash_attention_2"
@@ -198,7 +199,7 @@ def test_flash_attention_refuses_shared_prompt_mask(make_tiny_llama):
 
 
 def test_auto_chunk_size_bounds_block_memory():
-    from preftune.engine.logprobs import LOGITS_PER_CHUNK, auto_chunk_size
+    from preftune.engine.lm_head import LOGITS_PER_CHUNK, auto_chunk_size
 
     for vocab in (32_000, 49_152, 128_000, 256_000):
         rows = auto_chunk_size(vocab)

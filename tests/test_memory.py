@@ -134,14 +134,14 @@ def test_engine_options_validation_and_config_flags():
 # ---- LoRA dropout ---------------------------------------------------------------------------------
 def _lora_model(make_tiny_llama, dropout):
     from preftune.config import PeftArguments
-    from preftune.peft_utils import apply_peft
+    from preftune.models.peft import apply_peft
 
     model = make_tiny_llama()
     return apply_peft(model, PeftArguments(use_peft=True, lora_dropout=dropout, lora_r=4))
 
 
 def test_fused_lora_dropout_equals_explicit_mask_and_keeps_only_x():
-    from preftune.lora_dropout import DropoutLinear, _mask
+    from preftune.models.lora_dropout import DropoutLinear, _mask
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 5, bias=False)
@@ -169,7 +169,7 @@ def test_fused_lora_dropout_equals_explicit_mask_and_keeps_only_x():
 
 
 def test_fused_lora_dropout_rate_and_independent_masks():
-    from preftune.lora_dropout import _mask
+    from preftune.models.lora_dropout import _mask
 
     x = torch.ones(400, 1000)  # 4e5 draws: the standard error of a rate near 0.05 is 3.4e-4
     a, b = _mask(x, 0.05, 1), _mask(x, 0.05, 2)
@@ -188,7 +188,7 @@ def test_fused_lora_dropout_rate_and_independent_masks():
 
 
 def test_apply_peft_fuses_dropout_state_dict_unchanged(make_tiny_llama):
-    from preftune.lora_dropout import DropoutLinear
+    from preftune.models.lora_dropout import DropoutLinear
 
     model = _lora_model(make_tiny_llama, 0.1)
     plain = _lora_model(make_tiny_llama, 0.0)
@@ -318,7 +318,7 @@ def _grads_of(model, batch, seed=7, **options):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_lm_head_and_fused_lora_equal_default_path(make_tiny_llama, tie, dropout):
     from preftune.config import PeftArguments
-    from preftune.peft_utils import apply_peft
+    from preftune.models.peft import apply_peft
 
     model = apply_peft(make_tiny_llama(tie=tie), PeftArguments(use_peft=True, lora_dropout=dropout, lora_r=4))
     model.train()
@@ -344,7 +344,7 @@ def test_fused_lm_head_and_fused_lora_equal_default_path(make_tiny_llama, tie, d
 
 
 def test_fused_lm_head_token_logps_and_fallback():
-    from preftune.engine.logprobs import fused_head_applies, token_logps
+    from preftune.engine.lm_head import fused_head_applies, token_logps
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50).requires_grad_(False)
@@ -365,7 +365,7 @@ def test_fused_lm_head_token_logps_and_fallback():
                     reason="CPU inductor compilation takes minutes; set PREFTUNE_TEST_COMPILE=1")
 def test_compile_layers_equal_eager(make_tiny_llama):
     from preftune.config import PeftArguments
-    from preftune.peft_utils import apply_peft
+    from preftune.models.peft import apply_peft
 
     model = apply_peft(make_tiny_llama(layers=1), PeftArguments(use_peft=True, lora_dropout=0.1, lora_r=4))
     model.train()

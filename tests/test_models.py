@@ -1,4 +1,4 @@
-"""Tests of preftune.models and preftune.peft_utils (tiny random Llamas; one slow test on the real GGUF)."""
+"""Tests of preftune.models (loading, GGUF, LoRA: models/peft.py) (tiny random Llamas; one slow test on the real GGUF)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from preftune import models as pm
 from preftune.config import ModelArguments, PeftArguments
+from preftune.engine.kinds.causal import get_decoder_and_head
+from preftune.errors import ModelLoadError
+from preftune.models import gguf as pm
 from preftune.models import (
-    ModelLoadError,
-    default_model_path,
-    get_decoder_and_head,
-    gguf_cache_dir,
     load_model,
+    load_model_and_tokenizer,
     load_reference_model,
     load_tokenizer,
     prepare_for_gradient_checkpointing,
 )
-from preftune.peft_utils import (
+from preftune.models.gguf import default_model_path, gguf_cache_dir
+from preftune.models.peft import (
     REFERENCE_ADAPTER,
     ReferenceModelRequiredError,
     apply_peft,
@@ -124,13 +124,13 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
 def test_find_gguf_in_directories(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "m.gguf").write_bytes(b"x")
-    assert pm._find_gguf(str(tmp_path / "one")) == tmp_path / "one" / "m.gguf"
+    assert pm.find_gguf(str(tmp_path / "one")) == tmp_path / "one" / "m.gguf"
     (tmp_path / "one" / "n.gguf").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="2 .gguf files"):
-        pm._find_gguf(str(tmp_path / "one"))
+        pm.find_gguf(str(tmp_path / "one"))
     (tmp_path / "one" / "config.json").write_text("{}")  # a transformers directory wins
-    assert pm._find_gguf(str(tmp_path / "one")) is None
-    assert pm._find_gguf("some-org/some-model") is None
+    assert pm.find_gguf(str(tmp_path / "one")) is None
+    assert pm.find_gguf("some-org/some-model") is None
 
 
 def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
@@ -198,11 +198,11 @@ def test_load_in_4bit_without_bnb_is_clear(tiny_dir, monkeypatch):
     with pytest.raises(ModelLoadError, match="--load_in_4bit.*bitsandbytes"):
         load_model(ModelArguments(model_name_or_path=str(tiny_dir)), load_in_4bit=True)
     with pytest.raises(ModelLoadError, match="--load_in_4bit"):
-        pm.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)), PeftArguments(load_in_4bit=True))
+        load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)), PeftArguments(load_in_4bit=True))
 
 
 def test_load_model_and_tokenizer_with_lora(tiny_dir):
-    model, tok = pm.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)),
+    model, tok = load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)),
                                              PeftArguments(use_peft=True, lora_r=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -210,7 +210,7 @@ def test_load_model_and_tokenizer_with_lora(tiny_dir):
     assert sum("lora_A" in n for n in trainable) == 2 * 7
     assert not any("lm_head" in n for n in trainable)
     assert model.get_base_model().generation_config.pad_token_id == tok.pad_token_id
-    infer, _ = pm.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)), training=False)
+    infer, _ = load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_dir)), training=False)
     assert not infer.training and infer.config.use_cache and not any(p.requires_grad for p in infer.parameters())
     with pytest.raises(ModelLoadError, match="all-linear cannot be combined"):
         apply_peft(tiny_llama(), PeftArguments(use_peft=True, lora_target_modules=["all-linear", "q_proj"]))

@@ -76,6 +76,7 @@ def test_every_layout_gives_the_naive_aux_loss_and_gradients(kind):
         batch = H.layout(pairs, share_prompt=share_prompt, padding_free=padding_free)
         out = sequence_logps(model, batch, chunk_size=7)
         aux = out.extra_losses["aux_loss"]
+        assert out.extra_loss_weights == {"aux_loss": router_aux_coef(model)}  # the trainer adds weight * term
         assert abs(float(aux) - float(naive)) <= 1e-6, (share_prompt, padding_free, float(aux), float(naive))
         aux.backward()
         for name, grad in ref_grads.items():
@@ -144,6 +145,18 @@ def test_trainer_adds_coef_times_aux_and_logs_it(tmp_path):
             off, batch)
         assert "aux_loss" not in metrics_off and router_aux_coef(off) == 0.0
         assert abs(float(loss_off) - float(loss0)) <= 1e-6
+
+
+def test_configure_engine_records_the_coefficient_and_refuses_bad_ones(make_tiny_llama):
+    from preftune.engine.options import configure_engine
+
+    model = tiny_moe("mixtral")
+    configure_engine(model, router_aux_loss_coef=0.25)
+    assert router_aux_coef(model) == 0.25
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        configure_engine(model, router_aux_loss_coef=-1.0)
+    with pytest.raises(ValueError, match="not a mixture-of-experts model"):
+        configure_engine(make_tiny_llama(), router_aux_loss_coef=0.01)
 
 
 def test_flag_on_a_dense_model_is_a_config_error(tmp_path, make_tiny_llama):

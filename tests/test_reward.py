@@ -52,6 +52,31 @@ def hf_reward(model, ids: list[int]) -> float:
         return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
 
 
+def test_value_head_kind_answers_its_questions(tmp_path):
+    """The value-head kind: loading class, PEFT task, data preparation, tokenizer facts, extra files."""
+    from types import SimpleNamespace
+
+    from preftune.data import PreferenceData
+    from preftune.engine.kinds import kind_for, kind_for_config
+
+    model = tiny_reward_model(40, 0)
+    kind = kind_for(model)
+    assert (kind.name, kind.scores, kind.peft_task_type, kind.modules_to_save) == ("value_head", "rewards", "SEQ_CLS",
+                                                                                    ["score"])
+    assert kind_for_config(model.config, reward_model=True) is kind
+    assert kind.auto_class == "AutoModelForSequenceClassification" and kind.load_kwargs() == {"num_labels": 1}
+    assert kind_for_config(model.config).auto_class == "AutoModelForCausalLM"
+    same = TokenizedPair([5], [8, 2], [8, 2])
+    data = kind.prepare_data(PreferenceData([PAIRS[0], same, PAIRS[1]], None, "report", "standard"))
+    assert data.train == [PAIRS[0], PAIRS[1]] and data.report.endswith(
+        "data: rm: 1 pairs with identical chosen and rejected tokens skipped, 2 kept, 1 with a margin")
+    model.config.pad_token_id = None
+    kind.ready(model, SimpleNamespace(pad_token_id=3))
+    assert model.config.pad_token_id == 3
+    assert [p.name for p in kind.save_extras(model, tmp_path)] == ["value_head.safetensors"]
+    assert kind.tokenize_options(model) == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Engine: the value-head kind reads the reward where transformers does
 # ---------------------------------------------------------------------------------------------

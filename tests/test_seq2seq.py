@@ -14,9 +14,9 @@ import torch
 import trl_helpers as H
 
 from preftune.config import LossArguments
-from preftune.engine.kinds import kind_for
+from preftune.engine.kinds import collate_for, kind_for, kind_for_config
 from preftune.engine.kinds.seq2seq import SUPPORTED, seq2seq_head
-from preftune.engine.layout_seq2seq import collate_for, collate_seq2seq
+from preftune.engine.layout_seq2seq import collate_seq2seq
 from preftune.engine.logprobs import sequence_logps
 from preftune.errors import UnsupportedModelError
 from preftune.losses import compute_loss, orpo_loss
@@ -410,12 +410,15 @@ def history(out):
 def test_tokenisation_keeps_the_seq2seq_special_tokens(model_dirs):
     from preftune.config import DataArguments, ModelArguments
     from preftune.data import build_datasets
-    from preftune.models import load_tokenizer
+    from preftune.models import load_model, load_tokenizer
 
     for model_type, first in (("t5", None), ("bart", 1)):
-        tok = load_tokenizer(ModelArguments(model_name_or_path=model_dirs[model_type]))
-        assert tok.preftune_encoder_decoder
-        data = build_datasets(DataArguments(dataset=[model_dirs["data"]]), tok, seed=0)
+        args = ModelArguments(model_name_or_path=model_dirs[model_type])
+        tok = load_tokenizer(args)
+        model = load_model(args, training=False)
+        options = kind_for(model).tokenize_options(model)
+        assert options == {"keep_special_tokens": True}
+        data = build_datasets(DataArguments(dataset=[model_dirs["data"]]), tok, seed=0, **options)
         assert len(data.train) == len(RECORDS)
         for pair in data.train:
             assert pair.prompt_ids[-1] == 2 and pair.chosen_ids[-1] == 2 and pair.chosen_ids.count(2) == 1
@@ -567,6 +570,4 @@ def test_bart_is_no_longer_loaded_as_its_decoder_alone(model_dirs):
     with pytest.raises(UnsupportedModelError, match="encoder-only"):
         from transformers import BertConfig
 
-        from preftune.models_arch import model_loader
-
-        model_loader(BertConfig(), "bert-dir")
+        kind_for_config(BertConfig(), name="bert-dir")

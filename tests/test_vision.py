@@ -18,7 +18,7 @@ import vlm_tiny as V
 from preftune.config import DataArguments, LossArguments
 from preftune.data import DataError
 from preftune.data.vision import open_image, tokenize_image_records
-from preftune.engine.layout import collate_pairs
+from preftune.engine.kinds.vision import KIND as VISION
 from preftune.engine.logprobs import sequence_logps
 from preftune.engine.reference import pair_key
 from preftune.losses import compute_loss
@@ -77,8 +77,8 @@ def naive_logps(model, processor, pairs):
 
 def layout(pairs, share_prompt, padding_free):
     longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free,
-                          max_tokens_per_batch=2 * longest, pad_token_id=0)
+    batch = VISION.collate(pairs, share_prompt=share_prompt, padding_free=padding_free,
+                           max_tokens_per_batch=2 * longest, pad_token_id=0)
     if padding_free:
         assert int(batch["segment_ids"].max()) >= 1, "no row holds two units: packing untested"
     return batch
@@ -122,7 +122,7 @@ def test_eager_attention_and_frozen_vision_tower(images):
     model, processor = V.tiny_vlm("llava", attn="eager")
     pairs, _ = tokenize(processor, records(images)[:2])
     ref_c, ref_r = naive_logps(model, processor, pairs)
-    from preftune.models_vision import freeze_vision_tower
+    from preftune.models.vision import freeze_vision_tower
 
     assert freeze_vision_tower(model) > 0
     (ref_c.sum() + ref_r.sum()).backward()

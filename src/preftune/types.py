@@ -90,9 +90,12 @@ class PolicyLogps:
     rejected_lengths: torch.Tensor
     ref_chosen_logps: Optional[torch.Tensor] = None
     ref_rejected_logps: Optional[torch.Tensor] = None
-    # Extra loss terms the model computed on the way (scalars), added to every loss by the trainer
-    # with their weights: ``{"aux_loss": ...}`` (mixture-of-experts router load balancing).
+    # Extra loss terms the model computed on the way (unweighted scalars): ``{"aux_loss": ...}``
+    # (mixture-of-experts router load balancing); the trainer adds ``weight * term`` to every loss,
+    # with the weight of each term in ``extra_loss_weights`` (filled by the model's kind; a term
+    # without an entry weighs 0).
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,13 +105,14 @@ class PairRewards:
     ``chosen_rewards`` / ``rejected_rewards``: ``(B,)`` head values at the last (non-pad) token of
     ``prompt + chosen`` and ``prompt + rejected`` (unitless scores, float32). ``margin``: ``(B,)``
     per-pair margin the chosen reward should exceed the rejected one by, or None (no margin, i.e. 0).
-    ``extra_losses`` as in :class:`PolicyLogps`.
+    ``extra_losses`` / ``extra_loss_weights`` as in :class:`PolicyLogps`.
     """
 
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     margin: Optional[torch.Tensor] = None
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

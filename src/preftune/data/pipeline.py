@@ -81,7 +81,8 @@ def _formats_for(data_args: Any, count: int) -> list[Optional[str]]:
     return names
 
 
-def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label: str, say) -> tuple:
+def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label: str, say,
+              tokenize_options: dict[str, Any]) -> tuple:
     pairs = PairList()
     pairs.without_rejected = tuple(part.source for part in parts
                                    if part.format == "prompt_completion" and part.records)
@@ -90,7 +91,7 @@ def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label:
         if not part.records:
             continue
         kept, stats = tokenize_records(part.records, tokenizer, data_args, locations=part.locations,
-                                       source=part.source)
+                                       source=part.source, **tokenize_options)
         pairs += kept
         files.append((part.source, part.format, stats))
     if len(files) > 1:
@@ -102,8 +103,12 @@ def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label:
 
 
 def build_datasets(data_args: Any, tokenizer: Any, seed: int, *, train_raw: Optional[RawData] = None,
-                   eval_raw: Optional[RawData] = None) -> PreferenceData:
+                   eval_raw: Optional[RawData] = None, **tokenize_options: Any) -> PreferenceData:
     """Load, validate, split and tokenise the data named by ``data_args``.
+
+    ``tokenize_options``: keyword arguments of :func:`preftune.data.tokenize.tokenize_records` saying
+    how text is tokenised for the model's kind (``kind_for(model).tokenize_options(model)``, e.g.
+    ``keep_special_tokens=True`` for encoder–decoder models); none: decoder-only tokenisation.
 
     ``train_raw`` / ``eval_raw``: records already in memory (:func:`records_to_raw`, e.g. the Python
     API's ``train_dataset`` / ``eval_dataset``), used instead of ``--dataset`` / ``--eval_file``.
@@ -161,13 +166,14 @@ def build_datasets(data_args: Any, tokenizer: Any, seed: int, *, train_raw: Opti
         for part in evaluation:
             say(part.describe().replace("data: ", "eval data: ", 1))
 
-    train_pairs, train_stats, train_files = _tokenize(parts, tokenizer, data_args, "data", say)
+    train_pairs, train_stats, train_files = _tokenize(parts, tokenizer, data_args, "data", say, tokenize_options)
     if not train_pairs:
         raise DataError(f"{' + '.join(part.source for part in parts)}: every training pair was dropped at "
                         f"tokenisation ({train_stats.summary('data')}); raise --max_length or set --max_prompt_length")
     eval_pairs, eval_stats, eval_files = None, None, []
     if evaluation is not None:
-        eval_pairs, eval_stats, eval_files = _tokenize(evaluation, tokenizer, data_args, "eval data", say)
+        eval_pairs, eval_stats, eval_files = _tokenize(evaluation, tokenizer, data_args, "eval data", say,
+                                                         tokenize_options)
         train_pairs.without_rejected += tuple(s for s in eval_pairs.without_rejected
                                               if s not in train_pairs.without_rejected)
     fmt = "+".join(dict.fromkeys(part.format for part in parts))
@@ -211,7 +217,7 @@ def check_preference_signal(pairs: list[TokenizedPair], loss: str) -> int:
     """Identical pairs (chosen tokens == rejected tokens) carry no preference signal: count them.
 
     ``pairs``: the training pairs; ``loss``: the ``--loss`` name. ``sft`` reads only ``chosen`` and
-    is not checked; ``rm`` skips such pairs itself (:func:`preftune.score.prepare_reward_data`), so
+    is not checked; ``rm`` skips such pairs itself (the value-head kind's ``prepare_data``), so
     only the all-identical error applies to it. Some identical pairs: a warning naming the first
     (they stay in training: CPO/ORPO still learn from their NLL term). Returns their number.
 

@@ -11,10 +11,11 @@ The completion tokens are exactly the tokens the model is scored on:
   doubled BOS). When the completion ends with the EOS token followed only by template whitespace
   (SmolLM2 / ChatML: ``"...<|im_end|>\\n"``), the whitespace is cut, so the completion ends with
   exactly one EOS; otherwise EOS is appended once.
-* text records for an encoder–decoder model (T5, BART ...: the tokenizer is marked by
-  :func:`preftune.models.load_tokenizer`): prompt and completions are each encoded *with* the
-  tokenizer's special tokens, kept as they are (T5: ``text </s>``; BART: ``<s> text </s>``), as the
-  model was trained and as TRL's CPO / ORPO trainers tokenise them; the prompt is the encoder input.
+* text records with ``keep_special_tokens`` (encoder–decoder models, T5, BART ...: the option
+  :meth:`preftune.engine.kinds.seq2seq.Seq2SeqKind.tokenize_options` gives): prompt and
+  completions are each encoded *with* the tokenizer's special tokens, kept as they are (T5:
+  ``text </s>``; BART: ``<s> text </s>``), as the model was trained and as TRL's CPO / ORPO
+  trainers tokenise them; the prompt is the encoder input.
 
 Prompt and completion are tokenised **separately** and concatenated. Encoding the joined text can
 merge tokens across the boundary (e.g. ``"A:" + " B"``); the separate encoding is kept because it
@@ -36,114 +37,21 @@ text-only tokenizer cannot encode them, and they are never dropped silently.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections import Counter
-from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from preftune.types import TokenizedPair
 
 from .errors import DataError, where
+from .truncation import TokenizeStats, record_margin, truncate_pair
+from .vision import is_processor, tokenize_image_records
 
-DROP_PROMPT_FILLS = "prompt fills max_length"
-
-
-@dataclass
-class TokenizeStats:
-    """Counts from one :func:`tokenize_records` call.
-
-    ``records``: pairs given; ``kept``: pairs returned; ``prompts_truncated``: pairs whose prompt
-    was cut; ``completions_truncated``: completions cut (chosen and rejected counted separately);
-    ``dropped``: reason -> pairs dropped; ``boundary_mismatches``: pairs whose joined
-    prompt+completion text encodes differently from the separate encodings; ``identical``: kept
-    pairs whose chosen and rejected tokens are equal; ``kept_index``: the position in ``records`` of
-    each returned pair (this call only; :meth:`combine` leaves it empty).
-    """
-
-    records: int = 0
-    kept: int = 0
-    prompts_truncated: int = 0
-    completions_truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    boundary_mismatches: int = 0
-    identical: int = 0
-    kept_index: list = field(default_factory=list)
-
-    @classmethod
-    def combine(cls, parts: list[TokenizeStats]) -> TokenizeStats:
-        """The sum of several files' counts."""
-        out = (type(parts[0]) if parts else cls)()  # a subclass (data/vision.py) keeps its own counts
-        for part in parts:
-            for f in fields(out):
-                value = getattr(part, f.name, None)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    setattr(out, f.name, getattr(out, f.name) + value)
-            out.dropped.update(part.dropped)
-        return out
-
-    @property
-    def num_dropped(self) -> int:
-        """Total pairs dropped."""
-        return sum(self.dropped.values())
-
-    def summary(self, label: str = "data") -> str:
-        """``"data: 1600 records, 12 prompts truncated, 3 completions truncated, 0 dropped"`` (+ details)."""
-        text = (f"{label}: {self.records} records, {self.prompts_truncated} prompts truncated, "
-                f"{self.completions_truncated} completions truncated, {self.num_dropped} dropped")
-        if self.dropped:
-            text += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items())) + ")"
-        if self.identical:
-            text += f", {self.identical} with identical chosen/rejected tokens"
-        if self.boundary_mismatches:
-            text += (f", {self.boundary_mismatches} pairs encode differently when prompt and completion are "
-                     "joined (separate encoding used)")
-        return text
-
-
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], *, max_length: Optional[int],
-                  max_prompt_length: Optional[int], max_completion_length: Optional[int],
-                  truncation_mode: str = "keep_end", bos_id: Optional[int] = None):
-    """Apply the truncation rules of the module docstring to one pair of token-id lists.
-
-    ``bos_id``: when given and the prompt starts with it, ``keep_end`` keeps it in front.
-    Returns ``(prompt, chosen, rejected, prompt_cut: bool, completions_cut: int, drop_reason | None)``.
-    """
-    completions = [chosen, rejected]
-    cut = 0
-    if max_completion_length is not None:
-        for i, ids in enumerate(completions):
-            if len(ids) > max_completion_length:
-                completions[i], cut = ids[:max_completion_length], cut + 1
-    longest = max(len(ids) for ids in completions)
-    prompt_cut = False
-    too_long = max_length is not None and len(prompt) + longest > max_length
-    if max_prompt_length is not None and len(prompt) > max_prompt_length and (max_length is None or too_long):
-        prompt, prompt_cut = _cut_prompt(prompt, max_prompt_length, truncation_mode, bos_id), True
-    if max_length is not None:
-        room = max_length - len(prompt)
-        if room <= 0:
-            return prompt, completions[0], completions[1], prompt_cut, cut, DROP_PROMPT_FILLS
-        for i, ids in enumerate(completions):
-            if len(ids) > room:
-                completions[i], cut = ids[:room], cut + 1
-    if not completions[0] or not completions[1]:
-        return prompt, completions[0], completions[1], prompt_cut, cut, "empty completion"
-    return prompt, completions[0], completions[1], prompt_cut, cut, None
-
-
-def _cut_prompt(prompt: list[int], limit: int, mode: str, bos_id: Optional[int]) -> list[int]:
-    if mode == "keep_start":
-        return prompt[:limit]
-    if bos_id is not None and prompt and prompt[0] == bos_id and limit > 1:
-        return [bos_id] + prompt[len(prompt) - (limit - 1):]
-    return prompt[len(prompt) - limit:]
+__all__ = ["TokenizeStats", "tokenize_records", "truncate_pair"]
 
 
 class _Encoder:
     """Batch encoding with the special-token facts of one tokenizer worked out once."""
 
-    def __init__(self, tokenizer: Any, source: str):
+    def __init__(self, tokenizer: Any, source: str, keep_special_tokens: bool = False):
         self.tok = tokenizer
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -154,16 +62,16 @@ class _Encoder:
         self.adds_bos = bos is not None and probe_special[:1] == [bos] and probe_plain[:1] != [bos]
         self.bos_id = bos if self.adds_bos else None
         self.adds_eos = probe_special[-1:] == [self.eos_id] and probe_plain[-1:] != [self.eos_id]
-        # encoder–decoder models (set by preftune.models.load_tokenizer): text prompts and completions
-        # keep the tokenizer's special tokens (T5: "text </s>"; BART: "<s> text </s>"), as the model was
-        # trained and TRL's CPO / ORPO trainers tokenise them
-        self.seq2seq = bool(getattr(tokenizer, "preftune_encoder_decoder", False))
+        # keep_special_tokens (encoder–decoder models, their kind's tokenize_options): text prompts and
+        # completions keep the tokenizer's special tokens (T5: "text </s>"; BART: "<s> text </s>"), as the
+        # model was trained and TRL's CPO / ORPO trainers tokenise them
+        self.keep_special = keep_special_tokens
 
     def encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
         ids = self.tok(texts, add_special_tokens=special)["input_ids"]
-        if special and self.adds_eos and not self.seq2seq:
+        if special and self.adds_eos and not self.keep_special:
             ids = [seq[:-1] if seq[-1:] == [self.eos_id] else seq for seq in ids]
         if special and self.adds_bos:  # a prompt that already starts with the BOS text gets it once
             ids = [seq[1:] if seq[:2] == [self.bos_id, self.bos_id] else seq for seq in ids]
@@ -211,24 +119,10 @@ def _render(records: list[dict], tokenizer: Any, locations: list[str], source: s
     return rendered
 
 
-def _margin(record: dict, location: str, source: str) -> Optional[float]:
-    """The record's reward-model ``margin`` as a float, None without one.
-
-    Raises :class:`DataError` (file, record, field ``margin``) for a non-numeric or non-finite value.
-    """
-    value = record.get("margin")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise DataError(f"{where(source, location, 'margin')}: expected a finite number (the reward margin of "
-                        f"--loss rm), got {value!r}")
-    return float(value)
-
-
 def _encode_completions(encoder: _Encoder, rendered: list, side: int) -> list[list[int]]:
     """Completion ids of every rendered record (``side`` 1: chosen, 2: rejected): without special tokens,
-    except text records of an encoder–decoder model, which take the tokenizer's own (see ``_Encoder``)."""
-    if not encoder.seq2seq:
+    except text records with ``keep_special_tokens`` (encoder–decoder models), which take the tokenizer's own."""
+    if not encoder.keep_special:
         return encoder.encode([item[side] for item in rendered], False)
     out: list[list[int]] = [[] for _ in rendered]
     for special in (True, False):
@@ -239,28 +133,29 @@ def _encode_completions(encoder: _Encoder, rendered: list, side: int) -> list[li
 
 
 def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, locations: Optional[list[str]] = None,
-                     source: str = "data") -> tuple[list[TokenizedPair], TokenizeStats]:
+                     source: str = "data", keep_special_tokens: bool = False
+                     ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenise and truncate normalised records (see the module docstring for the exact rules).
 
     ``records``: ``{"prompt", "chosen", "rejected"}`` dicts, all strings or all message lists (the
     output of :func:`preftune.data.formats.normalise`). ``data_args``: a
     :class:`preftune.config.DataArguments` (``max_length``, ``max_prompt_length``,
     ``max_completion_length``, ``truncation_mode`` are read). ``locations`` / ``source`` name
-    records in errors. Returns the kept pairs (lists of token ids, with the record's ``margin``) and
-    the counts.
+    records in errors. ``keep_special_tokens`` (the tokenisation option of encoder–decoder models,
+    ``kind.tokenize_options(model)``): text records keep the tokenizer's own special tokens on prompt
+    and completions (see the module docstring). Returns the kept pairs (lists of token ids, with the
+    record's ``margin``) and the counts.
     Raises :class:`DataError` for a tokenizer without EOS or chat template (when needed), a
     chat template whose prompt rendering is not a prefix of the full rendering, or a record with
     images (file, record, field ``images``).
     """
     locations = locations or [f"record {i}" for i in range(1, len(records) + 1)]
-    from .vision import is_processor, tokenize_image_records
-
     if is_processor(tokenizer):  # a vision–language processor: images expanded into their tokens (data/vision.py)
         return tokenize_image_records(records, tokenizer, data_args, locations=locations, source=source)
     for record, location in zip(records, locations):
         _check_no_images(record, tokenizer, location, source)
-    margins = [_margin(record, location, source) for record, location in zip(records, locations)]
-    encoder = _Encoder(tokenizer, source)
+    margins = [record_margin(record, location, source) for record, location in zip(records, locations)]
+    encoder = _Encoder(tokenizer, source, keep_special_tokens)
     rendered = _render(records, tokenizer, locations, source)
     stats = TokenizeStats(records=len(records))
     # Encode in batches: prompts that take special tokens, those that do not, then the completions.
@@ -278,7 +173,7 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     pairs = []
     for i in range(len(rendered)):
         sides = (chosen_ids[i], rejected_ids[i])
-        if not encoder.seq2seq:  # an encoder–decoder model never reads prompt and completion as one text
+        if not encoder.keep_special:  # prompt and completion are never read as one text (encoder–decoder)
             stats.boundary_mismatches += any(joined[i, s + 1] != prompt_ids[i] + sides[s] for s in (0, 1))
         prompt, chosen, rejected, prompt_cut, cut, drop = truncate_pair(
             prompt_ids[i], encoder.end(sides[0]), encoder.end(sides[1]),

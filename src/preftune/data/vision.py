@@ -39,7 +39,7 @@ from typing import Any, Optional
 from preftune.types import PairImages, TokenizedPair
 
 from .errors import DataError, where
-from .tokenize import DROP_PROMPT_FILLS, TokenizeStats, _margin, truncate_pair
+from .truncation import DROP_PROMPT_FILLS, TokenizeStats, record_margin, truncate_pair
 
 IMAGE_TAG = "<image>"
 URL_PREFIXES = ("http://", "https://", "data:")
@@ -287,7 +287,7 @@ def tokenize_image_records(records: list[dict], processor: Any, data_args: Any, 
             continue
         stats.identical += chosen == rejected
         pair = TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
-                             margin=_margin(record, location, source), location=where(source, location))
+                             margin=record_margin(record, location, source), location=where(source, location))
         if images:
             pair.images = PairImages(paths=images, prompt_text=prompt_text, image_token_id=int(image_id),
                                      loader=loader, digest=images_digest(images + list(rejected_images or [])))

@@ -39,7 +39,7 @@ from typing import Optional, Union
 
 import torch
 
-from preftune.engine.layout import SHARED
+from preftune.engine.layout import attend
 
 #: scores per block (heads × block_q × keys) of the plain-PyTorch path: 2^23 floats
 BLOCK_ELEMENTS = 2 ** 23
@@ -79,17 +79,17 @@ class BlockLayout:
 
 
 def _allowed(layout: BlockLayout, r: int, qs: int, qe: int, keys, window: Optional[int]) -> torch.Tensor:
-    """``(qe-qs, W)`` bool: query ``i`` sees key ``j`` (the rule of ``layout.build_attention_mask``)."""
+    """``(qe-qs, W)`` bool: query ``i`` sees key ``j`` (:func:`preftune.engine.layout.attend`, and with a
+    sliding ``window`` only keys less than ``window`` positions back; a padding query's own position
+    is always inside)."""
     seg, br, pos = layout.segment_ids[r], layout.branch_ids[r], layout.position_ids[r]
     dev = seg.device
     q_idx = torch.arange(qs, qe, device=dev)[:, None]
     k_idx = (torch.arange(keys.start, keys.stop, device=dev) if isinstance(keys, slice) else keys)[None, :]
-    sq, sk = seg[qs:qe, None], seg[k_idx]
-    bq, bk = br[qs:qe, None], br[k_idx]
-    ok = (k_idx <= q_idx) & (sq == sk) & (sk >= 0) & ((bk == SHARED) | (bk == bq))
+    ok = attend(q_idx, k_idx, seg[qs:qe, None], seg[k_idx], br[qs:qe, None], br[k_idx])
     if window is not None:
         ok &= (pos[qs:qe, None] - pos[k_idx]) < window
-    return ok | ((k_idx == q_idx) & (sq < 0))
+    return ok
 
 
 def build_block_layout(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -164,15 +164,24 @@ def _flash_forward(q, k, v, layout: BlockLayout, scale: float, window):
     return out, lse
 
 
+def _grad_buffers(q: torch.Tensor, k: torch.Tensor, acc: torch.dtype):
+    """``(dq, dk, dv)`` of the backward: ``dq`` ``(rows, Hq, T, D)`` in ``q``'s dtype (every entry
+    written once), ``dk`` / ``dv`` ``(rows, Hkv, T, D)`` zeros in ``acc`` (summed over query blocks)."""
+    rows, hq, t, d = q.shape
+    hkv = k.shape[1]
+    dq = torch.empty(rows, hq, t, d, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
+    dv = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
+    return dq, dk, dv
+
+
 def _flash_backward(dout, q, k, v, out, lse, layout: BlockLayout, scale: float, window):
     _, bwd = _flash_ops()
     rows, hq, t, d = q.shape
     hkv = k.shape[1]
     rep = hq // hkv
     acc = lse.dtype
-    dq = torch.empty(rows, hq, t, d, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
-    dv = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
+    dq, dk, dv = _grad_buffers(q, k, acc)
     for r in range(rows):
         kr, vr = k[r:r + 1].repeat_interleave(rep, 1), v[r:r + 1].repeat_interleave(rep, 1)
         for qs, qe, keys in layout.blocks[r]:
@@ -244,9 +253,7 @@ class _BlockAttention(torch.autograd.Function):
         hkv = k.shape[1]
         rep = hq // hkv
         acc = lse.dtype
-        dq = torch.empty(rows, hq, t, d, dtype=q.dtype, device=q.device)
-        dk = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
-        dv = torch.zeros(rows, hkv, t, d, dtype=acc, device=q.device)
+        dq, dk, dv = _grad_buffers(q, k, acc)
         with torch.autocast(q.device.type, enabled=False):
             # rowsum(dO ⊙ O): (rows, hq, t)
             delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)

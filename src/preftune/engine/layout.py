@@ -95,13 +95,14 @@ def _last_tokens(u: _Unit, num_pairs: int, pad_token_id: int) -> list[tuple[int,
     return out
 
 
-def _pack(units: list[_Unit], budget: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of unit indices into rows of at most ``budget`` tokens."""
-    order = sorted(range(len(units)), key=lambda i: -len(units[i].tokens))
+def pack_first_fit(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: the indices of ``lengths`` grouped into rows of at most
+    ``budget`` tokens (a unit longer than the budget gets a row of its own), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(units[i].tokens)
+        n = lengths[i]
         for k, free in enumerate(room):
             if n <= free:
                 rows[k].append(i)
@@ -111,6 +112,51 @@ def _pack(units: list[_Unit], budget: int) -> list[list[int]]:
             rows.append([i])
             room.append(max(budget, n) - n)
     return rows
+
+
+def batch_tail(pairs: list[TokenizedPair], targets: tuple[list[int], list[int], list[int]],
+               packed: bool) -> dict[str, torch.Tensor]:
+    """What every layout's batch carries besides its rows: ``target_index`` / ``target_ids`` /
+    ``target_seq`` ``(M,)`` int64 from ``targets`` (flat index of each predicting position, the
+    token, the sequence), ``num_pairs`` ``()``, ``num_logical_tokens`` ``()`` (tokens of
+    ``[P C]`` + ``[P R]``), ``packed`` ``()`` (1: 4-D masks needed); ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` ``(B,)`` float64 when every pair has them, ``record_index`` ``(B,)`` int64
+    when every pair has one, ``margin`` ``(B,)`` float32 when some pair has one (0 for the others)."""
+    t_index, t_ids, t_seq = targets
+    extras: dict[str, torch.Tensor] = {
+        "target_index": torch.tensor(t_index, dtype=torch.long),
+        "target_ids": torch.tensor(t_ids, dtype=torch.long),
+        "target_seq": torch.tensor(t_seq, dtype=torch.long),
+        "num_pairs": torch.tensor(len(pairs)),
+        "num_logical_tokens": torch.tensor(sum(p.num_tokens_logical for p in pairs)),
+        "packed": torch.tensor(int(packed)),
+    }
+    if all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs):
+        extras["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float64)
+        extras["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
+    if all(p.record_index is not None for p in pairs):  # which records the batch holds (guard messages)
+        extras["record_index"] = torch.tensor([p.record_index for p in pairs], dtype=torch.long)
+    if any(p.margin is not None for p in pairs):  # reward-model margins; a pair without one has margin 0
+        extras["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    return extras
+
+
+def attend(q, k, seg_q, seg_k, br_q=None, br_k=None, *, causal: bool = True):
+    """The mask rule of every layout, elementwise over broadcastable tensors: query position ``q``
+    (segment ``seg_q``, branch ``br_q``) sees key position ``k`` iff ``k <= q`` (when ``causal``),
+    both lie in the same unit (segment, ``>= 0``: not padding) and, when branches are given, the key
+    is a prompt token (``SHARED``) or on the query's own branch (chosen never sees rejected and vice
+    versa). A padding query (``seg_q < 0``) sees only itself, so no softmax row is empty.
+
+    Used for the 4-D masks (:func:`build_attention_mask`, encoder–decoder masks), FlexAttention's
+    ``mask_mod`` and the blocks of :mod:`preftune.engine.block_attention`.
+    """
+    ok = (seg_q == seg_k) & (seg_k >= 0)
+    if causal:
+        ok = (k <= q) & ok
+    if br_q is not None:
+        ok = ok & ((br_k == SHARED) | (br_k == br_q))
+    return ok | ((q == k) & (seg_q < 0))
 
 
 def collate_pairs(
@@ -141,11 +187,25 @@ def collate_pairs(
     * ``ref_chosen_logps`` / ``ref_rejected_logps``: ``(B,)`` float64, when every pair carries
       precomputed reference log-probs.
     * ``packed``: ``()`` 1 when a 4-D mask is needed (shared prompt or several units per row).
-    * pairs with images (:class:`preftune.types.PairImages`): the image tensors (``pixel.*``) and
-      where each image token sits, see :func:`preftune.engine.kinds.vision.image_batch_inputs`.
 
-    Raises ``ValueError`` for an empty batch, prompt or completion.
+    Pairs with images (:class:`preftune.types.PairImages`) need the vision kind's ``collate``, which
+    adds the image tensors to these rows (:func:`preftune.engine.layout_vision.image_batch_inputs`).
+
+    Raises ``ValueError`` for an empty batch, prompt or completion, or a pair with images.
     """
+    if any(p.images is not None for p in pairs):
+        raise ValueError("collate_pairs: pairs with images need the vision kind's layout "
+                         "(preftune.engine.kinds.kind_for(model).collate)")
+    return layout_rows(pairs, share_prompt=share_prompt, padding_free=padding_free,
+                       max_tokens_per_batch=max_tokens_per_batch, pad_token_id=pad_token_id)[0]
+
+
+def layout_rows(pairs: list[TokenizedPair], *, share_prompt: bool = True, padding_free: bool = True,
+                max_tokens_per_batch: int | None = None, pad_token_id: int = 0
+                ) -> tuple[dict[str, torch.Tensor], list[tuple[_Unit, int, int]], int]:
+    """:func:`collate_pairs`' rows for any pairs (images' tokens laid out as text), with where every
+    unit went: ``(batch, placed, width)``; ``placed``: ``(unit, row, offset)`` of every unit,
+    ``width``: the row length ``T``. Raises ``ValueError`` as :func:`collate_pairs`."""
     if not pairs:
         raise ValueError("collate_pairs: empty batch")
     num_pairs = len(pairs)
@@ -157,7 +217,7 @@ def collate_pairs(
         units = units[0::2] + units[1::2]
     if padding_free:
         budget = max_tokens_per_batch or max(len(u.tokens) for u in units)
-        rows = _pack(units, budget)
+        rows = pack_first_fit([len(u.tokens) for u in units], budget)
     else:
         rows = [[i] for i in range(len(units))]
     width = max(sum(len(units[i].tokens) for i in row) for row in rows)
@@ -191,27 +251,11 @@ def collate_pairs(
         "position_ids": position_ids,
         "segment_ids": segment_ids,
         "branch_ids": branch_ids,
-        "target_index": torch.tensor(t_index, dtype=torch.long),
-        "target_ids": torch.tensor(t_ids, dtype=torch.long),
-        "target_seq": torch.tensor(t_seq, dtype=torch.long),
         "last_index": torch.tensor(last, dtype=torch.long),
         "pad_token_id": torch.tensor(pad_token_id),
-        "num_pairs": torch.tensor(num_pairs),
-        "num_logical_tokens": torch.tensor(sum(p.num_tokens_logical for p in pairs)),
-        "packed": torch.tensor(int(share_prompt or any(len(row) > 1 for row in rows))),
     }
-    if all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs):
-        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float64)
-        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
-    if all(p.record_index is not None for p in pairs):  # which records the batch holds (guard messages)
-        batch["record_index"] = torch.tensor([p.record_index for p in pairs], dtype=torch.long)
-    if any(p.margin is not None for p in pairs):  # reward-model margins; a pair without one has margin 0
-        batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
-    if any(p.images is not None for p in pairs):
-        from preftune.engine.kinds.vision import image_batch_inputs  # pixels + where the image tokens sit
-
-        batch.update(image_batch_inputs(pairs, placed, width))
-    return batch
+    batch.update(batch_tail(pairs, (t_index, t_ids, t_seq), share_prompt or any(len(row) > 1 for row in rows)))
+    return batch, placed, width
 
 
 def build_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, *, packed: bool,
@@ -220,20 +264,16 @@ def build_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, *,
 
     Unpacked (one plain sequence per row): the 2-D padding mask ``(rows, T)`` int64, so the model
     keeps its fast causal kernels. Packed: a 4-D mask ``(rows, 1, T, T)`` where query ``i`` sees
-    key ``j`` iff ``j <= i``, both lie in the same unit, and the key is a prompt token or on the
-    query's own branch (chosen never sees rejected and vice versa). Padding queries see only
-    themselves (a fully masked row would give NaN in SDPA). Boolean (True = attend) unless
+    key ``j`` under :func:`attend` (causal, same unit, prompt or own branch; padding queries see only
+    themselves: a fully masked row would give NaN in SDPA). Boolean (True = attend) unless
     ``additive_dtype`` is given (eager attention): then 0 / dtype-min floats.
     """
     if not packed:
         return (segment_ids >= 0).long()
-    n, t = segment_ids.shape
-    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
-    br_q, br_k = branch_ids[:, :, None], branch_ids[:, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    mask = causal & (seg_q == seg_k) & (seg_k >= 0) & ((br_k == SHARED) | (br_k == br_q))
-    mask |= torch.eye(t, dtype=torch.bool, device=segment_ids.device) & (seg_q < 0)
-    mask = mask[:, None]
+    t = segment_ids.shape[1]
+    pos = torch.arange(t, device=segment_ids.device)
+    mask = attend(pos[:, None], pos[None, :], segment_ids[:, :, None], segment_ids[:, None, :],
+                  branch_ids[:, :, None], branch_ids[:, None, :])[:, None]
     if additive_dtype is not None:
         zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
         return torch.where(mask, zero, torch.finfo(additive_dtype).min)
@@ -258,8 +298,6 @@ def make_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
     seg, br = segment_ids, branch_ids
 
     def mask_mod(b, h, q, k):
-        same = (seg[b, q] == seg[b, k]) & (seg[b, k] >= 0)
-        visible = (br[b, k] == SHARED) | (br[b, k] == br[b, q])
-        return ((k <= q) & same & visible) | ((q == k) & (seg[b, q] < 0))
+        return attend(q, k, seg[b, q], seg[b, k], br[b, q], br[b, k])
 
     return mask_mod

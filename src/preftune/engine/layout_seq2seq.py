@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from preftune.engine.layout import attend, batch_tail, pack_first_fit
 from preftune.types import TokenizedPair
 
 logger = logging.getLogger("preftune.engine")
@@ -70,24 +71,6 @@ def _decoder_units(pairs: list[TokenizedPair], joined: bool) -> list[_DecUnit]:
             units.append(_DecUnit(b, [chosen]))
             units.append(_DecUnit(b, [rejected]))
     return units
-
-
-def _pack(units: list[_DecUnit], budget: int) -> list[list[int]]:
-    """First-fit-decreasing packing of unit indices into rows of at most ``budget`` decoder tokens."""
-    order = sorted(range(len(units)), key=lambda i: -units[i].length)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = units[i].length
-        for k, free in enumerate(room):
-            if n <= free:
-                rows[k].append(i)
-                room[k] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(max(budget, n) - n)
-    return rows
 
 
 def collate_seq2seq(
@@ -134,7 +117,7 @@ def collate_seq2seq(
     pack = padding_free and packable
     if pack:
         budget = max_tokens_per_batch or max(u.length for u in units)
-        rows = _pack(units, budget)
+        rows = pack_first_fit([u.length for u in units], budget)
     elif joined:
         rows = [[i] for i in range(len(units))]
     else:  # TRL's order: all chosen rows, then all rejected rows
@@ -194,21 +177,9 @@ def collate_seq2seq(
         "decoder_segment_ids": dec_seg,
         "decoder_cross_segment": cross,
         "decoder_encoder_row": torch.tensor(dec_enc_row, dtype=torch.long),
-        "target_index": torch.tensor(t_index, dtype=torch.long),
-        "target_ids": torch.tensor(t_ids, dtype=torch.long),
-        "target_seq": torch.tensor(t_seq, dtype=torch.long),
-        "num_pairs": torch.tensor(num_pairs),
-        "num_logical_tokens": torch.tensor(sum(p.num_tokens_logical for p in pairs)),
-        "packed": torch.tensor(int(multi)),
         "seq2seq": torch.tensor(1),
     }
-    if all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in pairs):
-        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float64)
-        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float64)
-    if all(p.record_index is not None for p in pairs):
-        batch["record_index"] = torch.tensor([p.record_index for p in pairs], dtype=torch.long)
-    if any(p.margin is not None for p in pairs):
-        batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    batch.update(batch_tail(pairs, (t_index, t_ids, t_seq), multi))
     return batch
 
 
@@ -231,11 +202,9 @@ def seq2seq_masks(batch: dict[str, torch.Tensor], *, additive_dtype: torch.dtype
         return {"encoder": enc, "decoder": (dec_seg >= 0).long(), "cross": enc.index_select(0, enc_row)}
     te, td = enc_seg.shape[1], dec_seg.shape[1]
     dev = enc_seg.device
-    enc = (enc_seg[:, :, None] == enc_seg[:, None, :]) & (enc_seg[:, None, :] >= 0)
-    enc |= torch.eye(te, dtype=torch.bool, device=dev) & (enc_seg[:, :, None] < 0)
-    causal = torch.ones(td, td, dtype=torch.bool, device=dev).tril()
-    dec = causal & (dec_seg[:, :, None] == dec_seg[:, None, :]) & (dec_seg[:, None, :] >= 0)
-    dec |= torch.eye(td, dtype=torch.bool, device=dev) & (dec_seg[:, :, None] < 0)
+    pe, pd = torch.arange(te, device=dev), torch.arange(td, device=dev)
+    enc = attend(pe[:, None], pe[None, :], enc_seg[:, :, None], enc_seg[:, None, :], causal=False)
+    dec = attend(pd[:, None], pd[None, :], dec_seg[:, :, None], dec_seg[:, None, :])
     keys = enc_seg.index_select(0, enc_row)  # (D, Te): the segments of each decoder row's encoder row
     cross = (cross_seg[:, :, None] == keys[:, None, :]) & (keys[:, None, :] >= 0)
     first = torch.zeros(te, dtype=torch.bool, device=dev)
@@ -251,26 +220,3 @@ def seq2seq_masks(batch: dict[str, torch.Tensor], *, additive_dtype: torch.dtype
 def is_seq2seq_batch(batch: dict[str, torch.Tensor]) -> bool:
     """True for a batch laid out by :func:`collate_seq2seq`."""
     return "decoder_input_ids" in batch
-
-
-def collate_for(model, pad_token_id: int | None = None):
-    """The collate function of ``model``'s kind, with :func:`preftune.engine.layout.collate_pairs`'s
-    keywords (``share_prompt``, ``padding_free``, ``max_tokens_per_batch``, ``pad_token_id``).
-
-    Encoder–decoder models get :func:`collate_seq2seq` bound to their ``decoder_start_token_id``,
-    pad id (``pad_token_id``, else ``config.pad_token_id``, else 0) and whether their rows may be
-    packed; every other model ``collate_pairs``.
-    """
-    import functools
-
-    from preftune.engine.kinds.seq2seq import decoder_start_token_id, is_encoder_decoder, packable
-    from preftune.engine.layout import collate_pairs
-
-    if not is_encoder_decoder(model):
-        return collate_pairs if pad_token_id is None else functools.partial(collate_pairs, pad_token_id=pad_token_id)
-    from preftune.modeling import unwrap_peft
-
-    config = unwrap_peft(model).config
-    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
-    return functools.partial(collate_seq2seq, pad_token_id=pad, decoder_start_token_id=decoder_start_token_id(model),
-                             packable=packable(model), model_type=config.model_type)

@@ -140,7 +140,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
     root = model
     try:
-        from preftune.engine.kinds.causal import get_decoder_and_head
+        from preftune.engine.lm_head import get_decoder_and_head
 
         root = get_decoder_and_head(model)[0]
     except Exception:  # noqa: BLE001 - kinds without a decoder/head split (value heads): whole model

@@ -51,13 +51,25 @@ def engine_options(module: nn.Module) -> EngineOptions:
     return getattr(module, _ATTR, DEFAULT)
 
 
-def configure_engine(model: nn.Module, options: Optional[EngineOptions] = None, **changes) -> EngineOptions:
-    """Store ``options`` (default: the current ones) with ``changes`` applied on ``model``; returns them.
+def configure_engine(model: nn.Module, options: Optional[EngineOptions] = None,
+                     router_aux_loss_coef: Optional[float] = None, **changes) -> EngineOptions:
+    """Set ``model`` up for the engine: store ``options`` (default: the current ones) with ``changes``
+    applied on it, and ``--router_aux_loss_coef`` (mixture of experts, recorded by
+    :func:`preftune.engine.kinds.moe.configure_router_aux`; None: the model config decides).
+    Returns the options.
 
     ``changes`` are :class:`EngineOptions` field names; an
     :class:`~preftune.config.EngineArguments` can be passed as ``options`` (its fields of the same
-    names are taken). Raises ``ValueError`` for a bad value, ``TypeError`` for an unknown name.
+    names are taken).
+
+    Raises:
+        ValueError: a bad option value, or a bad ``router_aux_loss_coef`` (non-finite, negative, or
+            > 0 for a model without router logits), checked before anything is stored.
+        TypeError: an unknown option name.
     """
+    from preftune.engine.kinds.moe import configure_router_aux
+
+    configure_router_aux(model, router_aux_loss_coef)
     if options is None:
         options = engine_options(model)
     elif not isinstance(options, EngineOptions):

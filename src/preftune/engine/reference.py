@@ -26,7 +26,7 @@ import torch
 
 from preftune import distributed
 from preftune.distributed import is_main_process
-from preftune.engine.layout_seq2seq import collate_for
+from preftune.engine.kinds import kind_for
 from preftune.engine.logprobs import sequence_logps
 from preftune.faults import fault_point
 from preftune.types import TokenizedPair
@@ -79,7 +79,7 @@ def compute_reference_logps(
     device = device or next(model.parameters()).device
     chosen, rejected = [], []
     ctx = reference_context or contextlib.nullcontext
-    collate = collate_for(model)  # encoder–decoder models: their own layout
+    collate = kind_for(model).collate  # the layout of the model's kind (encoder–decoder, images ...)
     try:
         with torch.no_grad(), ctx():
             for start in range(0, len(pairs), batch_size):

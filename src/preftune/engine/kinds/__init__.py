@@ -1,90 +1,87 @@
-"""Model kinds: one small adapter per kind of model, one dispatch.
+"""Model kinds: one module per kind of model, one dispatch, the only seam between a model and preftune.
 
-Every kind answers the same questions for a laid-out batch (:mod:`preftune.engine.layout`):
+Every kind (:class:`preftune.engine.kinds.base.ModelKind` lists the members and gives the answers of
+a decoder-only LM) answers in its own module:
 
-* ``hidden_at_targets(model, batch) -> (hidden, extras)``: the hidden states ``(M, H)`` that
-  score the batch's ``M`` targets (``batch["target_index"]``), and a dict of extra loss terms
-  computed by the model on the way (``{"aux_loss": tensor ()}`` for a mixture-of-experts router;
-  empty otherwise);
-* ``head(model)``: the module mapping ``(..., H)`` to the scores (the LM head, ``(..., V)``
-  logits; a value head, ``(..., 1)``);
-* ``name``: a short name for logs and errors.
+* which transformers class loads it, from its config before any weights are read (``auto_class``,
+  ``processing_class``, ``check_config``, ``load_kwargs``, ``loading``);
+* how pairs become rows (``collate``) and how a laid-out batch is scored (``score``:
+  :class:`preftune.types.PolicyLogps` from the LM head, or :class:`preftune.types.PairRewards` from a
+  value head), with the extra loss terms and their weights (MoE router loss);
+* how text is tokenised for it (``tokenize_options``), what the training data needs
+  (``prepare_data``), what a loaded model needs from its tokenizer (``ready``);
+* PEFT: ``peft_task_type``, ``modules_to_save``, ``lora_targets``, ``default_lora_targets``;
+  what ``--freeze_vision_tower`` freezes (``freezable_parameters``); what is saved next to the
+  weights (``save_extras``).
 
-:func:`kind_for` picks the adapter of a model; a model that no kind supports raises
-:class:`preftune.errors.UnsupportedModelError` naming the model type and the kinds there are.
-New kinds (encoder–decoder, vision–language, value head) register in :data:`KINDS` in the order
-they are tried; the first whose ``matches(model)`` is true wins.
+:data:`ORDER` is the one registration list: the kinds are tried in that order, the first whose
+``matches(model)`` (:func:`kind_for`) or ``matches_config(config)`` (:func:`kind_for_config`) is true
+wins. A new kind is one module with a ``KIND`` instance and its name in :data:`ORDER`
+(``../shared/design/model-kinds.md``). Mixture-of-experts decoders are a causal extra
+(:mod:`preftune.engine.kinds.moe`).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+import importlib
+from typing import Any
 
-import torch
 from torch import nn
 
 from preftune.errors import UnsupportedModelError
 
-
-class ModelKind(Protocol):
-    """What the engine needs from a model kind (see the module docstring)."""
-
-    name: str
-
-    def matches(self, model: nn.Module) -> bool: ...
-
-    def hidden_at_targets(self, model: nn.Module, batch: dict[str, torch.Tensor]
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-    def head(self, model: nn.Module) -> nn.Module: ...
+# more specific kinds first, plain causal LMs (the fallback) last
+ORDER = ("value_head", "seq2seq", "vision", "causal")
 
 
-KINDS: list[ModelKind] = []
+@functools.cache
+def kinds() -> tuple:
+    """The kind instances (each module's ``KIND``), in :data:`ORDER`."""
+    return tuple(importlib.import_module(f"{__name__}.{name}").KIND for name in ORDER)
 
 
-def register_kind(kind: ModelKind, *, first: bool = False) -> ModelKind:
-    """Add ``kind`` to :data:`KINDS` (tried before the others when ``first``); returns it."""
-    if first:
-        KINDS.insert(0, kind)
-    else:
-        KINDS.append(kind)
-    return kind
-
-
-def kind_for(model: nn.Module) -> ModelKind:
-    """The adapter of ``model``'s kind.
+def kind_for(model: nn.Module):
+    """The kind of ``model`` (peft-wrapped or not), bound to it (``kind.bound(model)``: an
+    encoder–decoder kind carries the model's decoder start and packing facts for ``collate``).
 
     Raises:
-        UnsupportedModelError: no registered kind supports the model (message: model class,
+        UnsupportedModelError: no kind supports the model (message: model class,
             ``config.model_type`` and the supported kinds).
     """
-    _load_builtin_kinds()
-    for kind in KINDS:
+    for kind in kinds():
         if kind.matches(model):
-            return kind
+            return kind.bound(model)
     from preftune.modeling import unwrap_peft
 
     base = unwrap_peft(model)
     model_type = getattr(getattr(base, "config", None), "model_type", "?")
     raise UnsupportedModelError(
         f"{type(base).__name__} (model_type {model_type!r}) is not supported by any preftune model kind; "
-        f"supported: {', '.join(k.name for k in KINDS)}")
+        f"supported: {', '.join(k.name for k in kinds())}")
 
 
-_LOADED = False
+def kind_for_config(config: Any, *, reward_model: bool = False, name: str | None = None):
+    """The kind that loads a model with ``config`` (a transformers ``PretrainedConfig``, or None when
+    it cannot be read: the causal kind, whose loader then reports why), checked against the config
+    before any weights are read; ``kind.auto_class`` names the transformers class.
+
+    ``reward_model``: the model is loaded as a reward model (value head; ``--loss rm``).
+    ``name``: the ``--model_name_or_path`` the messages name.
+
+    Raises:
+        UnsupportedModelError: the kind refuses the config (an encoder-only model, a vision–language
+            family preftune does not cover, an encoder–decoder or vision–language reward model).
+    """
+    for kind in kinds():
+        if kind.matches_config(config, reward_model=reward_model):
+            kind.check_config(config, name)
+            return kind
+    raise UnsupportedModelError(f"--model_name_or_path {name}: no preftune model kind loads it")  # pragma: no cover
 
 
-def _load_builtin_kinds() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import importlib
-
-    # order matters: more specific kinds first, plain causal LMs last
-    for module in ("value_head", "seq2seq", "vision", "causal"):
-        try:
-            importlib.import_module(f"preftune.engine.kinds.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"preftune.engine.kinds.{module}":
-                raise
+def collate_for(model: nn.Module, pad_token_id: int | None = None):
+    """``kind_for(model).collate``, with ``pad_token_id`` bound when given (a collate function with
+    :func:`preftune.engine.layout.collate_pairs`' keywords)."""
+    collate = kind_for(model).collate
+    return collate if pad_token_id is None else functools.partial(collate, pad_token_id=pad_token_id)

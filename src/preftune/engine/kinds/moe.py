@@ -24,10 +24,11 @@ Counting the prompt once would weight long prompts half as much in the shared la
 Enabling: the term is used when the model's (text) config has ``output_router_logits=True`` and a
 non-zero ``router_aux_loss_coef`` (as TRL's CPO / ORPO trainers), or when ``--router_aux_loss_coef``
 is given > 0 for a model that has router logits (its value overrides the config's; 0 turns it off,
-and then the router logits are not even requested). :func:`configure_router_aux` records the flag on
-the model; the causal kind calls :func:`router_aux_loss` and returns ``{"aux_loss": aux}``; the
-trainer adds ``coef * aux`` (:func:`router_aux_coef`) to every loss and logs ``aux_loss`` (unscaled,
-as TRL's DPOTrainer logs it).
+and then the router logits are not even requested). :func:`configure_router_aux` (through
+:func:`preftune.engine.options.configure_engine`) records the flag on the model; the causal kind
+calls :func:`router_aux_loss` and returns ``{"aux_loss": aux}`` with its weight
+``{"aux_loss": coef}`` (:func:`router_aux_coef`) in ``extra_loss_weights``; the trainer adds
+``coef * aux`` to every loss and logs ``aux_loss`` (unscaled, as TRL's DPOTrainer logs it).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ names an ``image_token_id``.
 How a batch runs (:mod:`preftune.engine.layout` lays it out; the processor expanded every image
 into one placeholder token per image feature row at tokenisation, :mod:`preftune.data.vision`):
 
-1. :func:`image_batch_inputs` (called by ``collate_pairs``) loads each pair's prompt images once
+1. :meth:`VisionKind.collate` lays the text out (:func:`preftune.engine.layout.layout_rows`) and
+   :func:`preftune.engine.layout_vision.image_batch_inputs` loads each pair's prompt images once
    (``pixel.*`` tensors, one entry per distinct prompt, in pair order) and records, for every
    placeholder token of the laid-out rows, its flat position (``image_index``) and the feature
    row it takes (``image_source``). In the shared-prompt layout ``[P C R]`` the prompt — and with
@@ -29,125 +30,34 @@ into one placeholder token per image feature row at tokenisation, :mod:`preftune
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from preftune.engine.attention import attention_inputs
-from preftune.engine.kinds import KINDS, register_kind
-from preftune.engine.kinds.causal import get_decoder_and_head
+from preftune.engine.kinds.base import ModelKind, config_value
+from preftune.engine.layout import layout_rows
+from preftune.engine.layout_vision import PIXEL_PREFIX, image_batch_inputs
+from preftune.engine.lm_head import get_decoder_and_head
+from preftune.errors import ModelLoadError, UnsupportedModelError
+from preftune.modeling import unwrap_peft
+from preftune.types import TokenizedPair
+
+logger = logging.getLogger("preftune.models")
 
 # model_type -> family name; every one is exercised on a tiny model in tests/test_vision.py
 SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
                       "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
-PIXEL_PREFIX = "pixel."
 # families whose processor returns pixel_values (batch, images, C, H, W) and pixel_attention_mask
 # (batch, images, H, W): the loader drops the batch dim, the kind puts it back (one batch of all images)
 BATCH_DIM_FAMILIES = ("idefics2", "idefics3", "smolvlm")
 BATCH_DIM_KEYS = ("pixel_values", "pixel_attention_mask")
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate on dim 0 after right-padding every other dim with zeros to the largest size
-    (LLaVA-NeXT patch counts, Idefics3 image sizes differ between prompts)."""
-    if len({t.shape[1:] for t in tensors}) == 1:
-        return torch.cat(tensors)
-    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-    out = []
-    for t in tensors:
-        pad = []
-        for d in range(t.dim() - 1, 0, -1):
-            pad += [0, shape[d - 1] - t.shape[d]]
-        out.append(nn.functional.pad(t, pad))
-    return torch.cat(out)
-
-
-def image_batch_inputs(pairs: list, placed: list, width: int) -> dict[str, torch.Tensor]:
-    """Image tensors of a batch and where its image tokens sit (see the module docstring).
-
-    Args:
-        pairs: the batch's :class:`preftune.types.TokenizedPair` (some may have ``images``).
-        placed: ``(unit, row, offset)`` of every unit of the layout (``layout._Unit``: ``pair``,
-            ``rejected_prompt``, ``prompt_len``, ``tokens``).
-        width: row length ``T``.
-
-    Returns (CPU tensors):
-        * ``pixel.<name>``: the processor's image tensors of every distinct prompt, concatenated
-          in pair order (leading dim: images or patches);
-        * ``image_index`` ``(N,)``: flat index into ``rows*T`` of every image placeholder token;
-          ``image_source`` ``(N,)``: the feature row (of all prompts' features, in order) it takes;
-          ``image_features`` ``()``: the feature rows the encoder must return;
-        * ``image_prompt`` ``(rows, T)``: the distinct prompt (``0..K-1``) each token's unit has,
-          ``-1`` for text-only units and padding; ``image_prompt_ids`` ``(K, L)`` (0-padded) and
-          ``image_prompt_lengths`` ``(K,)``: those prompts' tokens (for M-RoPE positions).
-
-    Raises:
-        ValueError: the processor expands a prompt into other tokens than the pair's
-            ``prompt_ids`` (the images or the processor changed since tokenisation).
-    """
-    prompt_of: dict[tuple[int, bool], int] = {}
-    prompt_tokens: list[list[int]] = []
-    counts: list[int] = []
-    loaded: list[dict[str, torch.Tensor]] = []
-    for b, pair in enumerate(pairs):
-        images = pair.images
-        if images is None:
-            continue
-        sides = (False, True) if images.rejected_paths is not None else (False,)
-        for rejected in sides:
-            expected = (images.rejected_prompt_ids or pair.prompt_ids) if rejected else pair.prompt_ids
-            out = dict(images.load(rejected))
-            ids = out.get("input_ids")
-            if ids is not None and ids.reshape(-1).tolist() != list(expected):
-                raise ValueError(f"pair {b}: the processor now expands the prompt with its images into "
-                                 f"{ids.numel()} tokens, tokenisation gave {len(expected)}; were the images "
-                                 "or the processor changed?")
-            prompt_of[b, rejected] = len(prompt_tokens)
-            prompt_tokens.append(list(expected))
-            counts.append(sum(1 for t in expected if t == images.image_token_id))
-            loaded.append({k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)})
-    offsets = [0]
-    for n in counts:
-        offsets.append(offsets[-1] + n)
-    rows = 1 + max(r for _, r, _ in placed)
-    image_prompt = torch.full((rows, width), -1, dtype=torch.long)
-    index, source = [], []
-    for unit, r, offset in placed:
-        k = prompt_of.get((unit.pair, unit.rejected_prompt))
-        if k is None:
-            continue
-        image_prompt[r, offset:offset + len(unit.tokens)] = k
-        token_id = pairs[unit.pair].images.image_token_id
-        where = [j for j in range(unit.prompt_len) if unit.tokens[j] == token_id]
-        index += [r * width + offset + j for j in where]
-        source += range(offsets[k], offsets[k] + len(where))
-    batch: dict[str, torch.Tensor] = {}
-    for name in loaded[0] if loaded else ():
-        parts = [d[name] for d in loaded if name in d]
-        if len(parts) != len(loaded):
-            raise ValueError(f"the processor returned {name!r} for some prompts only")
-        batch[PIXEL_PREFIX + name] = _cat_padded(parts)
-    longest = max(len(t) for t in prompt_tokens)
-    prompt_ids = torch.zeros((len(prompt_tokens), longest), dtype=torch.long)
-    for k, tokens in enumerate(prompt_tokens):
-        prompt_ids[k, :len(tokens)] = torch.tensor(tokens)
-    batch.update({
-        "image_index": torch.tensor(index, dtype=torch.long),
-        "image_source": torch.tensor(source, dtype=torch.long),
-        "image_features": torch.tensor(offsets[-1]),
-        "image_prompt": image_prompt,
-        "image_prompt_ids": prompt_ids,
-        "image_prompt_lengths": torch.tensor([len(t) for t in prompt_tokens], dtype=torch.long),
-    })
-    return batch
 
 
 def _base(model: nn.Module) -> nn.Module:
-    from preftune.modeling import unwrap_peft
-
     return unwrap_peft(model)
 
 
@@ -231,8 +141,6 @@ def check_family(model: nn.Module) -> None:
     """Raises :class:`preftune.errors.UnsupportedModelError` for a vision–language model whose
     ``model_type`` is not in :data:`SUPPORTED_FAMILIES` (other attention patterns for image tokens,
     e.g. Gemma 3 / PaliGemma, or images by cross-attention, e.g. Mllama, would be scored wrongly)."""
-    from preftune.errors import UnsupportedModelError
-
     model_type = _model_type(_base(model))
     if model_type not in SUPPORTED_FAMILIES:
         raise UnsupportedModelError(
@@ -240,10 +148,56 @@ def check_family(model: nn.Module) -> None:
             + ", ".join(f"{v} ({k})" for k, v in SUPPORTED_FAMILIES.items()))
 
 
-class VisionKind:
-    """Vision–language models (``AutoModelForImageTextToText``): see the module docstring."""
+def _linear_names(module: nn.Module, prefix: str) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [f"{prefix}.{n}" if prefix else n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))]
+
+
+def vision_lora_targets(model: nn.Module, resolved: str | list[str]) -> list[str]:
+    """Full module names for peft's ``target_modules`` on a vision–language model.
+
+    ``resolved``: what :func:`preftune.models.peft.resolve_target_modules` made of
+    ``--lora_target_modules`` — ``"all-linear"`` (every linear layer) or leaf names (``q_proj`` ...).
+    They are taken in the language model (``model.get_decoder()``) and, when the vision tower is
+    trainable (``--freeze_vision_tower false``: some vision parameter has ``requires_grad``), in
+    the vision tower and projector too. The LM head is never a target.
+
+    Raises:
+        ModelLoadError: no linear layer matches.
+    """
+    names = dict(model.named_modules())
+    lm, head = get_decoder_and_head(model)
+    lm_prefix = next(n for n, m in names.items() if m is lm)
+    candidates = _linear_names(lm, lm_prefix)
+    vision = vision_parameters(model)
+    train_vision = any(p.requires_grad for _, p in vision)
+    if train_vision:
+        owners = {n.rsplit(".", 1)[0] for n, _ in vision}
+        candidates += [n for n in _linear_names(model, "") if n in owners and not n.startswith(lm_prefix + ".")]
+    head_names = {n for n, m in names.items() if m is head}
+    candidates = [n for n in candidates if n not in head_names]
+    if resolved != "all-linear":
+        leaves = set(resolved)
+        candidates = [n for n in candidates if n.rsplit(".", 1)[-1] in leaves or n in leaves]
+    if not candidates:
+        raise ModelLoadError(f"--lora_target_modules {resolved}: no linear layer of the language model "
+                             f"({type(lm).__name__}) matches; name its modules (e.g. q_proj v_proj) or use all-linear")
+    logger.info("LoRA on %d linear layers of the language model%s", len(candidates),
+                " and the vision tower" if train_vision else " (vision tower frozen)")
+    return sorted(set(candidates))
+
+
+class VisionKind(ModelKind):
+    """Vision–language models (``AutoModelForImageTextToText`` + ``AutoProcessor``): see the module
+    docstring. LoRA goes on the language model only (:func:`vision_lora_targets`); the vision tower
+    is what ``--freeze_vision_tower`` freezes."""
 
     name = "vision"
+    auto_class = "AutoModelForImageTextToText"
+    processing_class = "AutoProcessor"
+    supports_8bit = False
+    description = "vision–language models"
 
     def matches(self, model: nn.Module) -> bool:
         base = _base(model)
@@ -251,6 +205,41 @@ class VisionKind:
         return (getattr(config, "vision_config", None) is not None and image_token_id(config) is not None
                 and hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")
                 and base.get_output_embeddings() is not None)
+
+    def matches_config(self, config: Any, *, reward_model: bool = False) -> bool:
+        """A ``vision_config`` and a model type of ``AutoModelForImageTextToText``."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        return config_value(config, "vision_config") is not None and \
+            config_value(config, "model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    def check_config(self, config: Any, name: Optional[str]) -> None:
+        """Raises :class:`UnsupportedModelError` for a family outside :data:`SUPPORTED_FAMILIES`."""
+        model_type = config_value(config, "model_type")
+        if model_type not in SUPPORTED_FAMILIES:
+            raise UnsupportedModelError(
+                f"--model_name_or_path {name}: vision–language model type {model_type!r} is not supported; preftune "
+                f"trains {', '.join(f'{v} ({k})' for k, v in SUPPORTED_FAMILIES.items())}")
+
+    def collate(self, pairs: list[TokenizedPair], *, share_prompt: bool = True, padding_free: bool = True,
+                max_tokens_per_batch: Optional[int] = None, pad_token_id: Optional[int] = None
+                ) -> dict[str, torch.Tensor]:
+        """The text rows of :func:`preftune.engine.layout.layout_rows` and, when some pair has images,
+        the image tensors (``pixel.*``) and where each image token sits
+        (:func:`preftune.engine.layout_vision.image_batch_inputs`)."""
+        batch, placed, width = layout_rows(pairs, share_prompt=share_prompt, padding_free=padding_free,
+                                           max_tokens_per_batch=max_tokens_per_batch,
+                                           pad_token_id=0 if pad_token_id is None else pad_token_id)
+        if any(p.images is not None for p in pairs):
+            batch.update(image_batch_inputs(pairs, placed, width))
+        return batch
+
+    def freezable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The vision tower and its projector (:func:`vision_parameters`)."""
+        return vision_parameters(model)
+
+    def lora_targets(self, model: nn.Module, resolved: str | list[str]) -> list[str]:
+        return vision_lora_targets(model, resolved)
 
     def hidden_at_targets(self, model: nn.Module, batch: dict[str, torch.Tensor]
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -278,14 +267,4 @@ class VisionKind:
         return get_decoder_and_head(model)[1]
 
 
-def _register() -> VisionKind:
-    # before the causal kind (importing causal above registered it already): a VLM also has a decoder
-    kind = VisionKind()
-    causal = next((i for i, k in enumerate(KINDS) if k.name == "causal"), None)
-    if causal is None:
-        return register_kind(kind)
-    KINDS.insert(causal, kind)
-    return kind
-
-
-VISION = _register()
+KIND = VisionKind()

@@ -18,9 +18,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import PeftArguments
+from preftune.config import PeftArguments
+from preftune.engine.kinds import kind_for
+from preftune.engine.kinds.base import attention_input_projections
+from preftune.errors import ModelLoadError, UnsupportedModelError
+from preftune.modeling import is_peft_model
+
 from .lora_dropout import fuse_lora_dropout
-from .models import ModelLoadError
 
 logger = logging.getLogger("preftune.models")
 
@@ -32,13 +36,7 @@ class ReferenceModelRequiredError(RuntimeError):
     """A reference policy was asked of a model that has no adapter to switch off."""
 
 
-def _is_peft_model(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False, reward_head: bool = False):
+def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False):
     """Wrap ``model`` with LoRA (Hu et al. 2021, "LoRA": W + (alpha/r) B A) and return the ``PeftModel``.
 
     * ``peft_args.peft_model_id`` set: that adapter is loaded trainable (``is_trainable=True``) and its
@@ -48,24 +46,26 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
     * otherwise a fresh adapter: ``r``, ``alpha``, ``dropout``, ``target_modules`` resolved by
       :func:`resolve_target_modules` (``all-linear`` / ``ALL``, ``DEFAULT``, or module names).
     * 4-bit / 8-bit base weights: ``peft.prepare_model_for_kbit_training`` first (QLoRA, Dettmers et al. 2023).
-    * an encoder–decoder model: task ``SEQ_2_SEQ_LM`` (peft's ``PeftModelForSeq2SeqLM``).
-    * ``reward_head`` (a reward model, ``--loss rm``): task ``SEQ_CLS``, LoRA on the body only (``all-linear``
-      leaves the head out) and the scalar head ``score`` trained fully (``modules_to_save``); a
-      continued adapter must be such a reward-model adapter.
+    * the model's kind (:func:`preftune.engine.kinds.kind_for`) gives the task type (``CAUSAL_LM``;
+      encoder–decoder: ``SEQ_2_SEQ_LM``; reward model: ``SEQ_CLS``, LoRA on the body only —
+      ``all-linear`` leaves the head out — and the scalar head ``score`` trained fully,
+      ``modules_to_save``), and where the targets are taken (vision–language: the language model
+      only). A continued adapter must be of the kind's task (a reward model's ``SEQ_CLS`` or not).
 
     Raises:
         ModelLoadError: ``model`` is already a ``PeftModel``, or the adapter directory is missing.
     """
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    if _is_peft_model(model):
+    if is_peft_model(model):
         raise ModelLoadError("apply_peft: the model already has peft adapters")
+    kind = kind_for(model)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if peft_args.peft_model_id:
         if not Path(peft_args.peft_model_id, "adapter_config.json").is_file():
             raise ModelLoadError(f"--peft_model_id {peft_args.peft_model_id}: no adapter_config.json there")
-        _check_adapter_task(peft_args.peft_model_id, reward_head)
+        _check_adapter_task(peft_args.peft_model_id, kind.peft_task_type)
         peft_model = PeftModel.from_pretrained(model, peft_args.peft_model_id, is_trainable=True,
                                                adapter_name=TRAIN_ADAPTER)
         cfg = peft_model.peft_config[TRAIN_ADAPTER]
@@ -74,45 +74,11 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
         if with_reference_adapter:
             setup_reference_adapter(peft_model, peft_args.peft_model_id)
         return fuse_lora_dropout(peft_model)
-    target_modules = resolve_target_modules(model, peft_args.lora_target_modules)
-    if getattr(model.config, "vision_config", None) is not None:  # the language model's layers (models_vision)
-        from .models_vision import vision_lora_targets
-
-        target_modules = vision_lora_targets(model, target_modules)
-    task_type = "SEQ_CLS" if reward_head else "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) \
-        else "CAUSAL_LM"
+    target_modules = kind.lora_targets(model, resolve_target_modules(model, peft_args.lora_target_modules))
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-                        target_modules=target_modules, task_type=task_type,
-                        bias="none", modules_to_save=["score"] if reward_head else None)
+                        target_modules=target_modules, task_type=kind.peft_task_type,
+                        bias="none", modules_to_save=list(kind.modules_to_save) if kind.modules_to_save else None)
     return fuse_lora_dropout(get_peft_model(model, config, adapter_name=TRAIN_ADAPTER))
-
-
-# Output projections of attention blocks (not part of ms-swift's DEFAULT targets, which are the
-# query/key/value projections: swift 2.x lists q_proj, k_proj, v_proj for Llama, c_attn for Qwen).
-_ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "proj", "out")
-
-
-def attention_input_projections(model: nn.Module) -> list[str]:
-    """Leaf names of the query/key/value projections of ``model``'s attention blocks: the linear
-    (or transformers ``Conv1D``) children of modules whose class name contains ``Attention``,
-    except the output projection. Llama: ``["k_proj", "q_proj", "v_proj"]``; GPT-2: ``["c_attn"]``.
-
-    Raises:
-        ModelLoadError: no such layer was found.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    names: set[str] = set()
-    for module in model.modules():
-        if "attention" not in type(module).__name__.lower():
-            continue
-        for child_name, child in module.named_children():
-            if isinstance(child, (nn.Linear, Conv1D)) and child_name not in _ATTENTION_OUTPUT_NAMES:
-                names.add(child_name)
-    if not names:
-        raise ModelLoadError(f"--lora_target_modules DEFAULT: found no attention projection layers in "
-                             f"{type(model).__name__}; name the modules (e.g. q_proj v_proj) or use all-linear")
-    return sorted(names)
 
 
 def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
@@ -120,11 +86,12 @@ def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
 
     * ``all-linear`` or ``ALL`` (ms-swift): peft's ``"all-linear"``, every linear layer except the
       output head; it cannot be combined with other names;
-    * ``DEFAULT`` or ``AUTO`` (ms-swift): the attention's query/key/value projections
-      (:func:`attention_input_projections`), plus any other names given; for an encoder–decoder
+    * ``DEFAULT`` or ``AUTO`` (ms-swift): the model kind's default targets, plus any other names
+      given: the attention's query/key/value projections
+      (:func:`preftune.engine.kinds.base.attention_input_projections`); for an encoder–decoder
       model (T5, BART ...) the query and value projections of every attention (encoder, decoder,
       cross-attention: T5 ``q v``, BART ``q_proj v_proj``), peft's and the LoRA paper's choice
-      (:func:`encoder_decoder_default_targets`);
+      (:func:`preftune.engine.kinds.seq2seq.encoder_decoder_default_targets`);
     * anything else: module names, as given (duplicates removed).
 
     Raises:
@@ -140,8 +107,7 @@ def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
     resolved: list[str] = []
     for name in names:
         if name in ("DEFAULT", "AUTO"):
-            encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-            found = encoder_decoder_default_targets(model) if encoder_decoder else attention_input_projections(model)
+            found = _default_targets(model)
             logger.info("--lora_target_modules %s: the attention projections %s", name, " ".join(found))
             resolved += found
         else:
@@ -149,24 +115,22 @@ def resolve_target_modules(model: nn.Module, names) -> str | list[str]:
     return list(dict.fromkeys(resolved))
 
 
-def encoder_decoder_default_targets(model: nn.Module) -> list[str]:
-    """``DEFAULT`` LoRA targets of an encoder–decoder model: peft's per-architecture list (T5 / mT5
-    ``q v``, BART ``q_proj v_proj``), else the query and value projections among
-    :func:`attention_input_projections` (Hu et al. 2021, "LoRA", Sec. 7.1: W_q and W_v)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
-    known = PEFT_DEFAULTS.get(getattr(model.config, "model_type", None))
-    if known:
-        return list(known)
-    found = attention_input_projections(model)
-    return [n for n in found if n in ("q", "v", "q_proj", "v_proj")] or found
+def _default_targets(model: nn.Module) -> list[str]:
+    """``DEFAULT`` targets of ``model``'s kind; the generic attention rule for a module no kind supports
+    (it names what is missing)."""
+    try:
+        kind = kind_for(model)
+    except UnsupportedModelError:
+        return attention_input_projections(model)
+    return kind.default_lora_targets(model)
 
 
-def _check_adapter_task(adapter_dir: str, reward_head: bool) -> None:
+def _check_adapter_task(adapter_dir: str, task_type: str) -> None:
     """A continued adapter must be of the kind being trained (reward model: ``SEQ_CLS``; else not)."""
     import json
 
     task = json.loads(Path(adapter_dir, "adapter_config.json").read_text()).get("task_type")
+    reward_head = task_type == "SEQ_CLS"
     if reward_head and task != "SEQ_CLS":
         raise ModelLoadError(f"--peft_model_id {adapter_dir}: a {task} adapter, not a reward model's (SEQ_CLS); "
                              "--loss rm continues only reward-model adapters (drop --peft_model_id to start one)")
@@ -185,7 +149,7 @@ def setup_reference_adapter(model, peft_model_id: str) -> None:
     Raises:
         ModelLoadError: ``model`` is not a ``PeftModel`` or already has a reference adapter.
     """
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         raise ModelLoadError("setup_reference_adapter needs a PeftModel (apply_peft first)")
     if REFERENCE_ADAPTER in model.peft_config:
         raise ModelLoadError(f"the model already has an adapter named {REFERENCE_ADAPTER!r}")
@@ -220,7 +184,7 @@ def reference_context(model) -> Iterator[None]:
     Raises:
         ReferenceModelRequiredError: ``model`` is not a ``PeftModel``.
     """
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         raise ReferenceModelRequiredError(
             "The reference policy of this loss (DPO) needs adapters to switch off (--use_peft), a separate "
             "reference model (preftune.models.load_reference_model) or precomputed reference log-probs "
@@ -253,7 +217,7 @@ def save_adapter(model, output_dir: str | Path) -> Path:
     Raises:
         ModelLoadError: ``model`` is not a ``PeftModel``.
     """
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         raise ModelLoadError("save_adapter needs a PeftModel; use model.save_pretrained for full models")
     output_dir = Path(output_dir)
     model.save_pretrained(str(output_dir), selected_adapters=[TRAIN_ADAPTER])

@@ -5,7 +5,7 @@ type with double quantisation of the block scales by default; Dettmers et al. 20
 arXiv 2305.14314, Sec. 3), ``--load_in_8bit`` as ``Linear8bitLt`` (Dettmers et al. 2022,
 "LLM.int8()", arXiv 2208.07339: vector-wise int8 with fp16 outlier columns). The output head
 (``lm_head``) and the embeddings stay unquantised, so the engine's chunked LM head works as for a
-dense model. LoRA adapters train on top (:func:`preftune.peft_utils.apply_peft` runs
+dense model. LoRA adapters train on top (:func:`preftune.models.peft.apply_peft` runs
 ``peft.prepare_model_for_kbit_training`` first: the remaining float weights in float32, the
 input embeddings' outputs requiring grads).
 
@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from .config import PeftArguments
-from .errors import ModelLoadError
+from preftune.config import PeftArguments
+from preftune.errors import ModelLoadError
+from preftune.modeling import unwrap_peft
 
 logger = logging.getLogger("preftune.models")
 
@@ -121,8 +122,6 @@ def quantization_identity(peft_args: PeftArguments) -> str:
 
 def is_quantized(model) -> bool:
     """True when ``model`` (or the model inside a peft wrapper) holds bitsandbytes 4-bit or 8-bit weights."""
-    from .models import unwrap_peft
-
     base = unwrap_peft(model)
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
