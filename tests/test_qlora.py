@@ -1,4 +1,4 @@
-"""QLoRA (models_quant.py): 4-bit NF4 and 8-bit bitsandbytes base weights with LoRA on top, on CPU.
+"""QLoRA (models/quant.py): 4-bit NF4 and 8-bit bitsandbytes base weights with LoRA on top, on CPU.
 
 Tolerances (measured on this tiny random Llama, float32, 4 pairs): the quantised model's per-token
 log-probs differ from the unquantised model's by a mean of ~0.06 nats (4-bit NF4 + double
@@ -151,7 +151,7 @@ def test_cpu_weight_packing_kept_off_where_it_breaks(model_dir):
 
     from preftune.config import ModelArguments
     from preftune.models import load_model
-    from preftune.models_quant import limit_cpu_weight_packing
+    from preftune.models.quant import limit_cpu_weight_packing
 
     model = load_model(ModelArguments(model_name_or_path=model_dir), training=True,
                        quantization=PeftArguments(load_in_4bit=True))
