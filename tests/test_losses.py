@@ -302,7 +302,7 @@ def test_loss_spec_refuses_inconsistent_entries():
     with pytest.raises(ValueError, match="consumes 'unpaired_logps' is not one of"):
         L.LossSpec("x", L.sft_loss, reads=(), consumes=L.UNPAIRED_LOGPS)
     assert not L.TABLE["orpo"].takes_global_counts and L.TABLE["sft"].takes_global_counts
-    assert L.TABLE["dpo"].smoothed == ("sigmoid", "robust") and L.TABLE["orpo"].smoothed == ()
+    assert L.TABLE["dpo"].smoothed == ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired") and L.TABLE["orpo"].smoothed == ()
 
 
 def test_compute_loss_unknown_name():

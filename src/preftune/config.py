@@ -10,10 +10,10 @@ and transformers. Training-loop settings (batch size, learning rate, schedulers,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 from preftune.errors import ConfigError
-from preftune.losses import LOSS_NAMES, REWARDS, LossSpec, get_spec
+from preftune.losses import F_DIVERGENCES, LOSS_NAMES, REWARDS, LossSpec, get_spec, options_problem
 from preftune.losses.table import defaults_text, losses_reading, readers_text, smoothing_text, variant_flags
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -215,7 +215,14 @@ class LossArguments:
     loss: str = _option("cpo", f"Objective: {', '.join(LOSS_NAMES)}.")
     beta: Optional[float] = _option(None, f"Temperature / ORPO lambda. Default per loss: {defaults_text('beta')}")
     cpo_loss_type: str = _option("sigmoid", _variant_help("cpo_loss_type"))
-    dpo_loss_type: str = _option("sigmoid", _variant_help("dpo_loss_type"))
+    dpo_loss_type: Union[list[str], str] = _option(
+        "sigmoid", _variant_help("dpo_loss_type") + " Several: summed with --loss_weights (MPO: sigmoid bco_pair sft).")
+    loss_weights: Optional[list[float]] = _option(None, f"{readers_text('loss_weights')}: a weight per dpo_loss_type.")
+    f_divergence_type: str = _option(
+        "reverse_kl", f"{readers_text('f_divergence_type')}: f-DPO divergence, one of {', '.join(F_DIVERGENCES)}.")
+    f_alpha_divergence_coef: float = _option(0.5, "dpo: the coefficient of f_divergence_type alpha_divergence.")
+    discopop_tau: float = _option(0.05, f"{readers_text('discopop_tau')}: DiscoPOP's temperature (loss type discopop).")
+    alpha: float = _option(0.0, f"{readers_text('alpha')}: AlphaPO reward shape r = (1 - p^-alpha) / alpha.")
     label_smoothing: float = _option(0.0, f"Label smoothing ({smoothing_text()}).")
     cpo_alpha: Optional[float] = _option(
         None, f"Weight of the chosen NLL (BC regulariser). Default per loss: {defaults_text('cpo_alpha')}.")
@@ -232,8 +239,15 @@ class LossArguments:
 
     def __post_init__(self) -> None:
         _check_choice("loss", self.loss, LOSS_NAMES)
+        if isinstance(self.dpo_loss_type, (list, tuple)):  # one name stays a string, several are a list
+            names = [str(t) for t in self.dpo_loss_type]
+            self.dpo_loss_type = names[0] if len(names) == 1 else names
         for flag, choices in variant_flags().items():
-            _check_choice(flag, getattr(self, flag), choices)
+            for value in (getattr(self, flag) if isinstance(getattr(self, flag), list) else [getattr(self, flag)]):
+                _check_choice(flag, value, choices)
+        problem = options_problem(self)  # DPO's loss_type list, weights, f-DPO, DiscoPOP; AlphaPO's alpha
+        if problem is not None:
+            raise ConfigError(problem)
         spec = self.spec
         if self.is_reward_model:
             self._check_reward_model()

@@ -39,7 +39,8 @@ returned tensors have that compute dtype; gradients flow back to the inputs in t
 
 Layout, one loss family a module: :mod:`~preftune.losses.base` (input checks, :func:`chosen_nll`,
 the preference terms, :class:`Variant`, the output builder), :mod:`~preftune.losses.cpo` (cpo,
-simpo, cpo-simpo), :mod:`~preftune.losses.orpo`, :mod:`~preftune.losses.dpo`,
+simpo, cpo-simpo; AlphaPO's ``alpha``), :mod:`~preftune.losses.orpo`, :mod:`~preftune.losses.dpo` (DPO,
+its mixtures and f-DPO) with :mod:`~preftune.losses.dpo_terms` (one function per DPO ``loss_type``),
 :mod:`~preftune.losses.sft`, :mod:`~preftune.losses.reward` (rm) and :mod:`~preftune.losses.table`:
 the loss table :data:`TABLE` (``--loss`` name -> :class:`LossSpec`: function, hyper-parameters and
 their per-loss defaults, reference, input kind, variants, NLL weight), from which the
@@ -57,8 +58,9 @@ from .base import (
     robust_term,
     sigmoid_term,
 )
-from .cpo import CPO_VARIANTS, cpo_loss, cpo_simpo_loss, simpo_loss
-from .dpo import DPO_VARIANTS, dpo_loss
+from .cpo import CPO_VARIANTS, alpha_reward, cpo_loss, cpo_simpo_loss, simpo_loss
+from .dpo import DPO_VARIANTS, dpo_loss, dpo_options_problem, loss_type_list
+from .dpo_terms import F_DIVERGENCES, DPOVariant, f_scores
 from .orpo import log1mexp, orpo_loss
 from .reward import rm_loss
 from .sft import sft_loss
@@ -73,11 +75,12 @@ from .table import (
     compute_loss,
     get_loss_fn,
     get_spec,
+    options_problem,
 )
 
 __all__ = [
-    "CPO_VARIANTS", "DPO_VARIANTS", "LOGPS", "LOSS_FUNCTIONS", "LOSS_NAMES", "REWARDS", "TABLE", "UNPAIRED_LOGPS",
-    "LossFn", "LossSpec", "PreferenceTerm", "Variant", "chosen_nll", "compute_loss", "cpo_loss", "cpo_simpo_loss",
+    "CPO_VARIANTS", "DPO_VARIANTS", "F_DIVERGENCES", "LOGPS", "LOSS_FUNCTIONS", "LOSS_NAMES", "REWARDS", "TABLE", "UNPAIRED_LOGPS",
+    "DPOVariant", "LossFn", "LossSpec", "alpha_reward", "dpo_options_problem", "f_scores", "loss_type_list", "options_problem", "PreferenceTerm", "Variant", "chosen_nll", "compute_loss", "cpo_loss", "cpo_simpo_loss",
     "dpo_loss", "get_loss_fn", "get_spec", "hinge_term", "ipo_term", "log1mexp", "orpo_loss", "rm_loss",
     "robust_term", "sft_loss", "sigmoid_term", "simpo_loss",
 ]

@@ -14,6 +14,7 @@ import :mod:`preftune.config`, which imports them.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -23,7 +24,8 @@ from preftune.types import LossOutput, PairRewards, PolicyLogps
 
 from .base import WHERE, LossFn, Variant
 from .cpo import CPO_VARIANTS, cpo_loss, cpo_simpo_loss, simpo_loss
-from .dpo import DPO_VARIANTS, dpo_loss
+from .dpo import DPO_VARIANTS, dpo_loss, dpo_options_problem
+from .dpo_terms import DPOVariant
 from .orpo import orpo_loss
 from .reward import rm_loss
 from .sft import sft_loss
@@ -58,8 +60,9 @@ class LossSpec:
             (:class:`~preftune.types.PairRewards` of a value head) or ``"unpaired_logps"`` (reserved).
         needs_reference: the loss compares against a frozen reference policy (reference log-probs in
             the input: precomputed or a live reference model).
-        variants: sub-variant name -> :class:`~preftune.losses.base.Variant` (its term, whether it
-            takes label smoothing); empty when the loss has none.
+        variants: sub-variant name -> :class:`~preftune.losses.base.Variant` or
+            :class:`~preftune.losses.dpo_terms.DPOVariant` (its term, whether it takes label
+            smoothing); empty when the loss has none.
         variant_flag: the LossArguments field that picks the variant (``cpo_loss_type``), passed to
             ``fn`` as ``loss_type``; None without variants.
         label_smoothing: a loss without variants takes ``--label_smoothing`` (with variants, each
@@ -78,7 +81,7 @@ class LossSpec:
     defaults: Mapping[str, float] = field(default_factory=dict)
     consumes: Consumes = LOGPS
     needs_reference: bool = False
-    variants: Mapping[str, Variant] = field(default_factory=dict)
+    variants: Mapping[str, Variant | DPOVariant] = field(default_factory=dict)
     variant_flag: Optional[str] = None
     label_smoothing: bool = False
     nll_weight: Optional[str] = None
@@ -107,8 +110,9 @@ class LossSpec:
         return tuple(k for k, v in self.variants.items() if v.uses_label_smoothing)
 
     def hparams(self, args: Any) -> dict[str, Any]:
-        """The keywords of :attr:`fn` from ``args`` (a LossArguments, read by field name)."""
-        out = {name: getattr(args, name) for name in self.reads}
+        """The keywords of :attr:`fn` from ``args`` (a LossArguments, read by field name; a field that
+        ``args`` lacks is left to the function's default)."""
+        out = {name: getattr(args, name) for name in self.reads if hasattr(args, name)}
         if self.variant_flag is not None:
             out["loss_type"] = getattr(args, self.variant_flag)
         return out
@@ -118,11 +122,13 @@ def _table(*specs: LossSpec) -> dict[str, LossSpec]:
     return {spec.name: spec for spec in specs}
 
 
-_SIMPO_READS = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha")
+_SIMPO_READS = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha", "alpha")
+_DPO_READS = ("beta", "label_smoothing", "rpo_alpha", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
+              "discopop_tau")
 
 #: ``--loss`` name -> :class:`LossSpec`, in ``--help`` order. Adding a loss: one entry here.
 TABLE: dict[str, LossSpec] = _table(
-    LossSpec("cpo", cpo_loss, reads=("beta", "label_smoothing", "cpo_alpha"),
+    LossSpec("cpo", cpo_loss, reads=("beta", "label_smoothing", "cpo_alpha", "alpha"),
              defaults={"beta": 0.1, "cpo_alpha": 1.0},
              variants=CPO_VARIANTS, variant_flag="cpo_loss_type", nll_weight="cpo_alpha"),
     LossSpec("simpo", simpo_loss, reads=_SIMPO_READS, defaults={"beta": 2.0, "cpo_alpha": 0.0},
@@ -130,7 +136,7 @@ TABLE: dict[str, LossSpec] = _table(
     LossSpec("cpo-simpo", cpo_simpo_loss, reads=_SIMPO_READS, defaults={"beta": 2.0, "cpo_alpha": 1.0},
              label_smoothing=True, nll_weight="cpo_alpha"),
     LossSpec("orpo", orpo_loss, reads=("beta", "label_smoothing"), defaults={"beta": 0.1}),
-    LossSpec("dpo", dpo_loss, reads=("beta", "label_smoothing", "rpo_alpha"), defaults={"beta": 0.1},
+    LossSpec("dpo", dpo_loss, reads=_DPO_READS, defaults={"beta": 0.1},
              needs_reference=True, variants=DPO_VARIANTS, variant_flag="dpo_loss_type", nll_weight="rpo_alpha"),
     LossSpec("sft", sft_loss, reads=("label_smoothing",)),
     LossSpec("rm", rm_loss, reads=("center_rewards_coefficient",), consumes=REWARDS),
@@ -184,6 +190,31 @@ def smoothing_text() -> str:
         if spec.smoothed:
             parts.append(f"{name} {'/'.join(spec.smoothed)}" if spec.variants else name)
     return ", ".join(parts)
+
+
+#: LossArguments fields that only some losses read, with the value that leaves them unused: a
+#: different value given to a loss that does not read the field is refused (:func:`options_problem`).
+UNUSED_VALUES: dict[str, Any] = {"loss_weights": None, "f_divergence_type": "reverse_kl",
+                                 "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "alpha": 0.0}
+
+
+def options_problem(args: Any) -> Optional[str]:
+    """What is wrong with the DPO mixture / f-DPO / DiscoPOP / AlphaPO fields of ``args`` (a
+    LossArguments, duck-typed) as one line naming the flags, or None: a field of :data:`UNUSED_VALUES`
+    set for a loss that does not read it, a list of ``dpo_loss_type`` names for another loss, a
+    non-finite ``alpha``, or what :func:`~preftune.losses.dpo.dpo_options_problem` refuses."""
+    for name, unused in UNUSED_VALUES.items():
+        owners = losses_reading(name)
+        if getattr(args, name, unused) != unused and args.loss not in owners:
+            return f"--{name} applies to --loss {'/'.join(owners)} only, not {args.loss!r}"
+    if not isinstance(getattr(args, "dpo_loss_type", ""), str) and args.loss != "dpo":
+        return f"a list of --dpo_loss_type names applies to --loss dpo only, not {args.loss!r}"
+    if not math.isfinite(getattr(args, "alpha", 0.0)):
+        return f"--alpha must be a finite number, got {args.alpha}"
+    if args.loss != "dpo":
+        return None
+    return dpo_options_problem(args.dpo_loss_type, args.loss_weights, args.label_smoothing, args.f_divergence_type,
+                               args.discopop_tau, args.rpo_alpha)
 
 
 def get_spec(name: str) -> LossSpec:
