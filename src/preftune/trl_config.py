@@ -31,7 +31,7 @@ from preftune.config import (
     RunConfig,
 )
 from preftune.errors import ConfigError
-from preftune.losses import TABLE
+from preftune.losses import TABLE, dpo_options_problem
 
 # TRL loss_type values that are the variants of preftune's cpo / dpo losses (the loss table's)
 CPO_LOSS_TYPES = tuple(TABLE["cpo"].variants)
@@ -146,17 +146,17 @@ class CPOConfig(_TRLConfig):
 
     ``loss_type``: ``sigmoid`` / ``hinge`` / ``ipo`` → preftune's ``cpo`` with that ``cpo_loss_type``;
     ``simpo`` → ``cpo-simpo`` when ``cpo_alpha`` > 0 (TRL's default 1.0), else ``simpo``; ``alphapo``
-    → ``simpo`` with ``cpo_alpha`` 0 (as TRL). AlphaPO's reward shaping (``alpha`` != 0) is not implemented.
+    → ``simpo`` with ``cpo_alpha`` 0 (as TRL). ``alpha`` != 0 is AlphaPO's reward shape (Gupta et al. 2025,
+    arXiv 2501.03884) for every ``loss_type``, as in TRL (:func:`preftune.losses.alpha_reward`).
     """
 
     _trainer_name: ClassVar[str] = "CPO"
-    _unsupported: ClassVar[dict[str, Any]] = {**_TRLConfig._unsupported, "alpha": 0.0}
 
     loss_type: str = field(default="sigmoid", metadata=_help(f"{', '.join(CPO_LOSS_TYPES)}, simpo or alphapo."))
     label_smoothing: float = field(default=0.0, metadata=_help("Label smoothing (sigmoid, simpo)."))
     cpo_alpha: float = field(default=1.0, metadata=_help("Weight of the BC (chosen NLL) term."))
     simpo_gamma: float = field(default=0.5, metadata=_help("SimPO target reward margin."))
-    alpha: float = field(default=0.0, metadata=_help("AlphaPO reward shape; only 0 is supported."))
+    alpha: float = field(default=0.0, metadata=_help("AlphaPO reward shape r = (1 - p^-alpha) / alpha; 0: off."))
 
     def __post_init__(self) -> None:
         if self.loss_type == "alphapo":  # TRL's shorthand
@@ -195,22 +195,26 @@ class ORPOConfig(_TRLConfig):
 class DPOConfig(_TRLConfig):
     """TRL 1.16's ``DPOConfig`` on preftune's ``dpo`` loss (Rafailov et al. 2023, arXiv 2305.18290, eq. 7).
 
-    ``loss_type``: one of ``sigmoid``, ``hinge``, ``ipo``, ``robust``; ``[<type>, "sft"]`` (with
-    ``loss_weights`` ``[1, w]``, default ``w`` = 1) is RPO, preftune's ``rpo_alpha`` = ``w`` (Pang et al.
-    2024, arXiv 2404.19733); ``["sft"]`` alone is preftune's ``sft``. ``rpo_alpha`` (older TRL releases)
-    is accepted too. ``precompute_ref_log_probs`` defaults to True here (TRL: False): the reference
+    ``loss_type``: a name of TRL 1.16's list (``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``,
+    ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``,
+    ``discopop``, ``sft``, ``sigmoid_norm``) or a list of them, summed with ``loss_weights`` (MPO), as
+    preftune's ``dpo_loss_type`` / ``loss_weights``; ``[<type>, "sft"]`` with weights ``[1, w]`` is RPO,
+    preftune's ``rpo_alpha`` = ``w`` (Pang et al. 2024, arXiv 2404.19733); ``["sft"]`` alone is preftune's
+    ``sft``. ``rpo_alpha`` (older TRL releases) is accepted too. ``f_divergence_type`` /
+    ``f_alpha_divergence_coef`` (f-DPO) and ``discopop_tau`` as in TRL; ``ld_alpha``, ``use_weighting``
+    and ``sync_ref_model`` are not implemented (refused). ``precompute_ref_log_probs`` defaults to True here (TRL: False): the reference
     log-probs are computed once before training (cached on disk) instead of in every step — the same
     numbers (``tests/test_train.py``).
     """
 
     _trainer_name: ClassVar[str] = "DPO"
     _unsupported: ClassVar[dict[str, Any]] = {
-        **_TRLConfig._unsupported, "ld_alpha": None, "f_divergence_type": "reverse_kl", "use_weighting": False,
+        **_TRLConfig._unsupported, "ld_alpha": None, "use_weighting": False,
         "sync_ref_model": False, "activation_offloading": False, "pad_token": None}
 
     truncation_mode: str = field(default="keep_start", metadata=_help("Prompt truncation: keep_start or keep_end."))
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
-                                 metadata=_help(f"{', '.join(DPO_LOSS_TYPES)}; add sft for RPO."))
+                                 metadata=_help(f"One or several of {', '.join(DPO_LOSS_TYPES)}."))
     loss_weights: Optional[list[float]] = field(default=None, metadata=_help("Weights of the loss_type terms."))
     label_smoothing: float = field(default=0.0, metadata=_help("Label smoothing / robust DPO flip rate."))
     rpo_alpha: Optional[float] = field(default=None, metadata=_help("Weight of the chosen NLL (RPO)."))
@@ -221,10 +225,11 @@ class DPOConfig(_TRLConfig):
     pad_to_multiple_of: Optional[int] = field(
         default=None, metadata=_help("Accepted for TRL scripts; preftune's engine packs pairs without padding."))
     ld_alpha: Optional[float] = field(default=None, metadata=_help("LD-DPO; not supported."))
-    f_divergence_type: str = field(default="reverse_kl", metadata=_help("f-DPO; only reverse_kl is supported."))
-    f_alpha_divergence_coef: float = field(default=0.5, metadata=_help("f-DPO; unused with reverse_kl."))
+    f_divergence_type: str = field(default="reverse_kl", metadata=_help(
+        "f-DPO: reverse_kl, forward_kl, js_divergence or alpha_divergence."))
+    f_alpha_divergence_coef: float = field(default=0.5, metadata=_help("f-DPO: alpha_divergence's coefficient."))
     use_weighting: bool = field(default=False, metadata=_help("WPO weighting; not supported."))
-    discopop_tau: float = field(default=0.05, metadata=_help("DiscoPOP; unused (loss_type discopop unsupported)."))
+    discopop_tau: float = field(default=0.05, metadata=_help("DiscoPOP's temperature (loss_type discopop)."))
     activation_offloading: bool = field(default=False, metadata=_help("Not supported."))
     sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO; not supported."))
     ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO; unused."))
@@ -240,25 +245,29 @@ class DPOConfig(_TRLConfig):
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         weights = self.loss_weights
         if weights is not None and len(weights) != len(types):
-            raise ConfigError(f"DPOConfig: loss_weights has {len(weights)} entries for {len(types)} loss_type entries")
+            raise ConfigError(f"loss_weights has {len(weights)} entries for {len(types)} loss_type entries")
         weights = list(weights) if weights is not None else [1.0] * len(types)
-        base = {"beta": self.beta, "label_smoothing": self.label_smoothing}
-        valid = (f"one of {', '.join(DPO_LOSS_TYPES)}, optionally with 'sft' (RPO: [<type>, 'sft']), "
-                 "or ['sft'] alone")
+        unknown = [t for t in types if t not in DPO_LOSS_TYPES]
+        if not types or unknown:
+            raise ConfigError(f"loss_type {types} is not supported; give one or several of "
+                              f"{', '.join(DPO_LOSS_TYPES)}")
         if types == ["sft"]:
-            return {"loss": "sft", "label_smoothing": self.label_smoothing}
-        preference = [t for t in types if t != "sft"]
-        if len(preference) != 1 or preference[0] not in DPO_LOSS_TYPES or len(types) > 2:
-            raise ConfigError(f"DPOConfig: loss_type {types} is not supported; give {valid}")
-        if weights[types.index(preference[0])] != 1.0:
-            raise ConfigError(f"DPOConfig: the {preference[0]!r} term's loss_weight must be 1.0 "
-                              f"(preftune weighs only the sft term), got {weights}")
+            return {"loss": "sft", "label_smoothing": self.label_smoothing, "loss_weights": None,
+                    "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}
         rpo_alpha = self.rpo_alpha
-        if "sft" in types:
-            if rpo_alpha is not None:
-                raise ConfigError("DPOConfig: give the NLL weight once: rpo_alpha or loss_type [..., 'sft'], not both")
-            rpo_alpha = weights[types.index("sft")]
-        return {**base, "loss": "dpo", "dpo_loss_type": preference[0], "rpo_alpha": rpo_alpha}
+        if "sft" in types and rpo_alpha is not None:
+            raise ConfigError("give the NLL weight once: rpo_alpha or loss_type [..., 'sft'], not both")
+        problem = dpo_options_problem(types, weights, self.label_smoothing, self.f_divergence_type, self.discopop_tau)
+        if problem is not None:  # in TRL's field names
+            raise ConfigError(problem.replace("--dpo_loss_type", "loss_type").replace("--", ""))
+        loss = {"beta": self.beta, "label_smoothing": self.label_smoothing, "loss": "dpo",
+                "f_divergence_type": self.f_divergence_type, "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
+                "discopop_tau": self.discopop_tau}
+        if len(types) == 2 and types[1] == "sft" and types[0] != "sft" and weights[0] == 1.0:
+            # RPO as TRL 1.16 writes it: preftune's rpo_alpha (the same numbers)
+            return {**loss, "dpo_loss_type": types[0], "loss_weights": None, "rpo_alpha": weights[1]}
+        return {**loss, "dpo_loss_type": types, "loss_weights": weights if self.loss_weights is not None else None,
+                "rpo_alpha": rpo_alpha}
 
 
 @dataclass
