@@ -215,8 +215,8 @@ class LossArguments:
     loss: str = _option("cpo", f"Objective: {', '.join(LOSS_NAMES)}.")
     beta: Optional[float] = _option(None, f"Temperature / ORPO lambda. Default per loss: {defaults_text('beta')}")
     cpo_loss_type: str = _option("sigmoid", _variant_help("cpo_loss_type"))
-    dpo_loss_type: Union[list[str], str] = _option(
-        "sigmoid", _variant_help("dpo_loss_type") + " Several: summed with --loss_weights (MPO: sigmoid bco_pair sft).")
+    dpo_loss_type: Union[list[str], str] = field(default_factory=lambda: "sigmoid", metadata={"help": _variant_help(
+        "dpo_loss_type") + " Several: summed with --loss_weights (MPO: sigmoid bco_pair sft)."})
     loss_weights: Optional[list[float]] = _option(None, f"{readers_text('loss_weights')}: a weight per dpo_loss_type.")
     f_divergence_type: str = _option(
         "reverse_kl", f"{readers_text('f_divergence_type')}: f-DPO divergence, one of {', '.join(F_DIVERGENCES)}.")

@@ -63,7 +63,7 @@ HELP_TITLE = "aliases from ms-swift / ORPO scripts / ALMA"
 
 ALIASES: tuple[Alias, ...] = (*SWIFT_ALIASES, *ORPO_ALIASES, *ALMA_ALIASES)
 _BY_FLAG = {a.flag: a for a in ALIASES}
-_LATE = ("model_type", "rlhf_type")  # these read what the other aliases produced
+_LATE = ("model_type", "rlhf_type", "loss_type")  # these read what the other aliases produced, in this order
 
 # Flags that only one tool has: a command line with one of them is that tool's (and gets its defaults).
 MARKERS = {SWIFT: SWIFT_MARKERS, ORPO: ORPO_MARKERS, ALMA: ALMA_MARKERS}
@@ -131,7 +131,7 @@ def apply_aliases(argv: Sequence[str], valid: set[str], preset: Sequence[str] = 
         raise ConfigError("this command line mixes the flags of " + " and ".join(
             f"{t} (--{', --'.join(f)})" for t, f in found.items()) + "; their defaults differ, so use one tool's "
             "flags (or preftune's own)")
-    ordered = sorted(items, key=lambda item: item[0] in _LATE)
+    ordered = sorted(items, key=lambda item: _LATE.index(item[0]) + 1 if item[0] in _LATE else 0)
     out: list[str] = []
     for name, values in ordered:
         alias = _BY_FLAG.get(name) if name is not None else None

@@ -76,6 +76,26 @@ def _rlhf_type(name: str, given: list[str], ctx: Context) -> list[str]:
     return mapping(name, given, "loss", [loss], ctx)
 
 
+def _loss_type(name: str, given: list[str], ctx: Context) -> list[str]:
+    """swift's (and TRL's) ``--loss_type a [b ...]``: the preference terms of the trainer ``--rlhf_type``
+    picked. dpo: ``--dpo_loss_type a b ...`` (several: summed with ``--loss_weights``, swift's MPO);
+    cpo: ``--cpo_loss_type a``; simpo / cpo-simpo: ``simpo`` only (swift's default there). Without
+    ``--loss`` / ``--rlhf_type``, swift's default trainer, DPO."""
+    if not given:
+        raise ConfigError(f"--{name} needs a value")
+    tokens = [] if ctx.given("loss") else mapping(name, given, "loss", ["dpo"], ctx)
+    loss = ctx.value("loss", "dpo")
+    if loss == "dpo":
+        return tokens + mapping(name, given, "dpo_loss_type", list(given), ctx)
+    if loss == "cpo":
+        return mapping(name, given, "cpo_loss_type", [one(name, given)], ctx)
+    if loss in ("simpo", "cpo-simpo") and given == ["simpo"]:
+        ctx.notes.append(f"--{name} simpo: --loss {loss} already")
+        return []
+    raise ConfigError(f"--{name} {' '.join(given)} does not apply to --loss {loss}: swift's loss types are DPO's "
+                      "(--rlhf_type dpo), CPO's (cpo) or simpo (simpo)")
+
+
 def _explicit_float(ctx: Context, name: str, default: float) -> float:
     if name not in ctx.explicit:
         return default
@@ -88,6 +108,8 @@ def _explicit_float(ctx: Context, name: str, default: float) -> float:
 SWIFT_ALIASES: tuple[Alias, ...] = (
     Alias("rlhf_type", (SWIFT,), f"{', '.join(RLHF_TYPES)} → --loss (simpo with --cpo_alpha > 0, swift's default "
           "1.0, is cpo-simpo, as in swift)", _rlhf_type, "{" + ",".join(RLHF_TYPES) + "}", targets=("loss",)),
+    Alias("loss_type", (SWIFT,), "dpo: → --dpo_loss_type (several, with --loss_weights: MPO), cpo: → --cpo_loss_type; "
+          "without --rlhf_type: DPO's", _loss_type, "TYPE", targets=("dpo_loss_type", "cpo_loss_type")),
     Alias("sft_type", (SWIFT,), "swift 2.x: lora → --use_peft true, full → --use_peft false", _tuner, "{lora,full}",
           targets=("use_peft",)),
     Alias("train_type", (SWIFT,), "swift 3.x: as --sft_type", _tuner, "{lora,full}", targets=("use_peft",)),
