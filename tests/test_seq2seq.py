@@ -20,7 +20,6 @@ from preftune.engine.layout_seq2seq import collate_seq2seq
 from preftune.engine.logprobs import sequence_logps
 from preftune.errors import UnsupportedModelError
 from preftune.losses import compute_loss, orpo_loss
-from preftune.trainer import preference_metrics
 from preftune.types import TokenizedPair
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
@@ -293,7 +292,7 @@ def test_cpo_trainer_encoder_decoder_parity(model_type, case, tmp_path, report):
         name = f"{case} {model_type}"
         _note(report, name, "loss", abs(float(loss) - float(trl_loss)))
         assert abs(float(loss) - float(trl_loss)) <= TOL, (layout, float(loss), float(trl_loss))
-        metrics = preference_metrics(logps, out)
+        metrics = out.metrics  # TRL's names (rewards/*, logps/*)
         for k in H.COMPARED + ("nll_loss",):
             _note(report, name, "metrics", abs(float(metrics[k]) - trl_metrics[k]))
             assert abs(float(metrics[k]) - trl_metrics[k]) <= TOL, (layout, k, float(metrics[k]), trl_metrics[k])
@@ -326,7 +325,7 @@ def test_orpo_trainer_encoder_decoder_parity(model_type, tmp_path, report):
         with torch.no_grad():
             logps = sequence_logps(ours, laid, chunk_size=32)
         out = compute_loss(logps, LossArguments(loss="orpo", beta=0.1))
-        metrics = preference_metrics(logps, out)
+        metrics = out.metrics  # TRL's names (rewards/*, logps/*)
         for k in keys:
             _note(report, f"orpo {model_type}", "metrics", abs(float(metrics[k]) - trl_metrics[k]))
             assert abs(float(metrics[k]) - trl_metrics[k]) <= TOL, (layout, k)

@@ -480,9 +480,7 @@ def test_trl_dpo_trainer_parity_on_image_batch(case, images, tmp_path):
         logps.ref_chosen_logps, logps.ref_rejected_logps = reference.chosen_logps, reference.rejected_logps
         out = compute_loss(logps, loss_args)
         loss = out.losses.mean()
-        from preftune.trainer import preference_metrics
-
-        metrics = {k: float(v) for k, v in preference_metrics(logps, out).items()}
+        metrics = {k: float(v) for k, v in out.metrics.items()}  # TRL's names (rewards/*, logps/*)
         assert abs(float(loss) - float(trl_loss)) <= PARITY_TOL, (share_prompt, padding_free, float(loss), float(trl_loss))
         for key in H.COMPARED:
             assert abs(metrics[key] - trl_metrics[key]) <= PARITY_TOL, (key, metrics[key], trl_metrics[key])

@@ -57,6 +57,7 @@ def _flash_ops():
 
 
 def use_flash(device: torch.device) -> bool:
+    """True when blocks on ``device`` run in the fused CPU flash kernel (a CPU, and this torch has it)."""
     return torch.device(device).type == "cpu" and _flash_ops() is not None
 
 
@@ -303,4 +304,5 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: B
 
 
 def d_scale(q: torch.Tensor) -> float:
+    """The default score scale ``D ** -0.5`` of queries ``(..., D)`` (Vaswani et al. 2017, eq. 1)."""
     return q.shape[-1] ** -0.5
