@@ -80,7 +80,7 @@ def unfuse_lora_dropout(model) -> int:
     """Back to peft's LoRA dropout (``nn.Dropout`` then ``nn.Linear``), for before/after measurements."""
     from torch import nn
 
-    from preftune.lora_dropout import DropoutLinear
+    from preftune.models.lora_dropout import DropoutLinear
 
     n = 0
     for module in model.modules():
