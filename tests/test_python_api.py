@@ -320,14 +320,15 @@ def test_config_fields_map_onto_preftune_groups():
     assert cfg.activation_checkpointing and cfg.disable_dropout and not cfg.bf16  # bf16 only on CUDA
     assert engine.precompute_ref_log_probs and engine.padding_free
     assert not DPOConfig(gradient_checkpointing=False, **kw).activation_checkpointing
-    for bad, match in ((dict(loss_type="exo_pair"), "not supported"), (dict(use_weighting=True), "use_weighting"),
+    for bad, match in ((dict(loss_type="exo_pair"), "exo_pair needs label_smoothing"),
+                       (dict(use_weighting=True), "use_weighting"),
                        (dict(loss_type=["sigmoid", "sft"], rpo_alpha=1.0), "once"),
-                       (dict(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 1.0]), "must be 1.0"),
-                       (dict(f_divergence_type="js_divergence"), "f_divergence_type")):
+                       (dict(loss_type=["nope"]), "not supported"),
+                       (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "f_divergence_type")):
         with pytest.raises(ConfigError, match=match):
             DPOConfig(**bad, **kw)
-    with pytest.raises(ConfigError, match="alpha=0.5"):
-        CPOConfig(alpha=0.5, **kw)
+    assert loss(DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 1.0], **kw))[5] == ["sigmoid", "sft"]
+    assert CPOConfig(alpha=0.5, **kw).preftune_groups()[3].alpha == 0.5  # AlphaPO
     with pytest.raises(ConfigError, match="CPOConfig: --max_prompt_length"):
         CPOConfig(max_length=64, max_prompt_length=64, **kw)
 
