@@ -129,7 +129,7 @@ def test_two_steps_then_reload_on_the_unquantised_base(model_dir, tmp_path, bits
 
 def test_quantisation_flags_and_cache_key(model_dir):
     from preftune.config import ModelArguments
-    from preftune.train import model_identity
+    from preftune.run_setup import model_identity
 
     with pytest.raises(ConfigError, match="exclude each other"):
         PeftArguments(load_in_4bit=True, load_in_8bit=True)

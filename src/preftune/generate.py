@@ -89,6 +89,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from preftune.config import DataArguments, ModelArguments
     from preftune.data import load_raw, normalise
+    from preftune.device import DevicePolicy
     from preftune.models import load_model, load_tokenizer
 
     p = argparse.ArgumentParser(prog="preftune generate", description=__doc__.split("\n\n")[0])
@@ -101,12 +102,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--do_sample", action="store_true")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--output_jsonl", default=None)
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
     args = p.parse_args(argv)
+    policy = DevicePolicy.of(args.device)
     model_args = ModelArguments(model_name_or_path=args.model)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, training=False)
     if args.adapter:
         model = PeftModel.from_pretrained(model, args.adapter)
+    model.to(policy.device)
     data = normalise(load_raw(args.dataset), DataArguments(dataset=args.dataset))
     rows = generate_side_by_side(model, tokenizer, data.records[:args.num_prompts],
                                  max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

@@ -1,4 +1,4 @@
-"""Reward models after training: open one, save its value head, score a file with it.
+"""Reward models after training: open one, score a file with it.
 
 ``preftune score --adapter DIR --dataset F --output scores.jsonl`` writes the reward of every
 chosen and rejected completion of a preference file (any format the trainer reads), one JSON line
@@ -8,7 +8,7 @@ per record in file order, ``{"index", "id"?, "chosen_reward", "rejected_reward"}
 truncation) get a line too, with ``null`` rewards and ``"skipped"``: nothing disappears silently.
 
 The reward of a sequence is the value head at its last non-pad token, computed by the engine
-(:func:`preftune.engine.rewards.sequence_rewards`): the same numbers as transformers'
+(the value-head kind's ``score``): the same numbers as transformers'
 ``AutoModelForSequenceClassification`` on ``prompt + completion``.
 """
 
@@ -23,50 +23,14 @@ from typing import Any, Optional
 
 import torch
 
-from preftune.errors import ModelLoadError
+from preftune.errors import ConfigError, ModelLoadError
 from preftune.types import TokenizedPair
 
 logger = logging.getLogger("preftune.score")
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-# ms-swift 2.x/3.x and LLaMA-Factory name the reward head's weights after TRL's ValueHead
-VALUE_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")
-
-
 # --------------------------------------------------------------------------------------------
-# Saving and opening reward models
+# Opening reward models (saving the value head: the value-head kind's ``save_extras``)
 # --------------------------------------------------------------------------------------------
-def value_head_module(model) -> torch.nn.Module:
-    """The trained scalar head ``score`` of a reward model (peft's trained copy when wrapped)."""
-    from preftune.models import unwrap_peft
-
-    score = getattr(unwrap_peft(model), "score", None)
-    if score is None:
-        raise ModelLoadError(f"{type(model).__name__} has no value head 'score'; not a reward model")
-    copies = getattr(score, "modules_to_save", None)
-    if copies is not None:  # peft ModulesToSaveWrapper: the adapter's trained copy
-        return copies[score.active_adapters[0]]
-    return score
-
-
-def save_value_head(model, output_dir: str | Path) -> Path:
-    """Write the head as ``value_head.safetensors`` in ``output_dir`` (ms-swift's file name and keys).
-
-    Keys ``v_head.summary.weight`` ``(1, H)`` and ``v_head.summary.bias`` ``(1,)`` (zeros for a
-    head without bias, so the reward is ``h @ weight.T + bias`` in both layouts); safetensors
-    metadata ``{"format": "pt"}``. Returns the file's path.
-    """
-    from safetensors.torch import save_file
-
-    head = value_head_module(model)
-    weight = head.weight.detach().to("cpu").contiguous().clone()
-    bias = head.bias if getattr(head, "bias", None) is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    path = Path(output_dir) / VALUE_HEAD_FILE
-    save_file({VALUE_HEAD_KEYS[0]: weight, VALUE_HEAD_KEYS[1]: bias.detach().to("cpu").contiguous().clone()},
-              str(path), metadata={"format": "pt"})
-    return path
-
-
 def adapter_task(path: str | Path) -> Optional[str]:
     """``task_type`` of the peft adapter in ``path`` (None when ``path`` holds no adapter)."""
     config = Path(path) / "adapter_config.json"
@@ -160,38 +124,6 @@ def _tokenizer(path: Path, model_args, load_tokenizer):
 
 
 # --------------------------------------------------------------------------------------------
-# Training data of a reward model
-# --------------------------------------------------------------------------------------------
-def prepare_reward_data(data):
-    """``--loss rm``: the pairs whose chosen and rejected tokens are identical are skipped (their
-    reward difference is 0 whatever the model: no preference to learn), counted in the report with
-    the pairs that carry a margin. Returns a new :class:`preftune.data.PreferenceData`.
-
-    Raises:
-        preftune.data.DataError: every training pair is identical.
-    """
-    from preftune.data import DataError
-
-    lines = []
-    splits = {}
-    for label, pairs in (("data", data.train), ("eval data", data.eval)):
-        if pairs is None:
-            splits[label] = None
-            continue
-        kept = [p for p in pairs if p.chosen_ids != p.rejected_ids]
-        margins = sum(p.margin is not None for p in kept)
-        lines.append(f"{label}: rm: {len(pairs) - len(kept)} pairs with identical chosen and rejected tokens "
-                     f"skipped, {len(kept)} kept" + (f", {margins} with a margin" if margins else ""))
-        splits[label] = kept
-    for line in lines:
-        logger.info(line)
-    if not splits["data"]:
-        raise DataError(f"--loss rm: every training pair has identical chosen and rejected tokens ({lines[0]})")
-    return dataclasses.replace(data, train=splits["data"], eval=splits["eval data"],
-                               report="\n".join([data.report, *lines]))
-
-
-# --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -207,10 +139,10 @@ class ScoreArguments:
     batch_size: int = field(default=8, metadata={"help": "Pairs per forward."})
     id_field: str = field(default="id", metadata={"help": "Record field copied to each output line as 'id'."})
     seed: int = field(default=42, metadata={"help": "Seed (for --dataset_sample random)."})
+    device: str = field(default="auto", metadata={"help": "Where the model runs: auto (the GPU when there is one), "
+                                                  "cpu, cuda or cuda:N."})
 
     def __post_init__(self) -> None:
-        from preftune.config import ConfigError
-
         if self.batch_size <= 0:
             raise ConfigError(f"--batch_size must be > 0, got {self.batch_size}")
         if not self.output:
@@ -221,9 +153,9 @@ def reward_batches(model, pairs: list[TokenizedPair], engine_args, *, batch_size
                    progress: Optional[str] = None):
     """Yield ``(chosen (b,), rejected (b,))`` float32 reward tensors (CPU) for ``pairs``, ``batch_size``
     pairs per forward (no gradients), in order; a tqdm bar named ``progress`` when given."""
-    from preftune.engine.layout import collate_pairs
-    from preftune.engine.rewards import sequence_rewards
+    from preftune.engine.kinds import kind_for
 
+    kind = kind_for(model)
     device = next(model.parameters()).device
     bar = None
     if progress:
@@ -234,9 +166,9 @@ def reward_batches(model, pairs: list[TokenizedPair], engine_args, *, batch_size
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
-                batch = collate_pairs(chunk, share_prompt=engine_args.share_prompt, padding_free=engine_args.padding_free,
-                                      max_tokens_per_batch=engine_args.max_tokens_per_batch, pad_token_id=pad_token_id)
-                rewards = sequence_rewards(model, {k: v.to(device) for k, v in batch.items()})
+                batch = kind.collate(chunk, share_prompt=engine_args.share_prompt, padding_free=engine_args.padding_free,
+                                     max_tokens_per_batch=engine_args.max_tokens_per_batch, pad_token_id=pad_token_id)
+                rewards = kind.score(model, {k: v.to(device) for k, v in batch.items()})
                 yield rewards.chosen_rewards.cpu(), rewards.rejected_rewards.cpu()
                 if bar is not None:
                     bar.update(len(chunk))
@@ -398,8 +330,10 @@ def _why_dropped(stats) -> str:
 
 def run_score(model_args, data_args, engine_args, args: ScoreArguments) -> dict[str, Any]:
     """``preftune score``: open the reward model in ``args.adapter`` and score the file."""
-    from preftune.train import configure_cpu_numerics
+    from preftune.run_setup import configure_numerics
 
-    configure_cpu_numerics(engine_args)
+    policy = configure_numerics(engine_args, args.device)
     model, tokenizer = open_reward_model(model_args, args.adapter)
+    if getattr(model, "quantization_method", None) is None:
+        model.to(policy.device)
     return score_file(model, tokenizer, data_args, engine_args, args)

@@ -4,10 +4,11 @@ Everything about the training loop (optimiser, schedulers, gradient accumulation
 and ``resume_from_checkpoint``, ``report_to``, DeepSpeed/FSDP through accelerate) is the
 Trainer's. This module adds only what is specific to preference optimisation:
 
-* the collator that lays out pairs for the engine (:func:`preftune.engine.layout.collate_pairs`);
-* ``compute_loss``: one decoder pass for chosen and rejected (:func:`sequence_logps`), reference
-  log-probs from the batch (precomputed) or from the reference policy, and the loss from the
-  name → function table (:func:`preftune.losses.compute_loss`);
+* the collator that lays out pairs as the model's kind wants them (``kind_for(model).collate``);
+* ``compute_loss``: the kind scores the batch in one pass for chosen and rejected (``kind.score``:
+  per-sequence log-probs, or a reward model's rewards), reference log-probs come from the batch
+  (precomputed) or from the reference policy, the loss from the loss table
+  (:func:`preftune.losses.compute_loss`), plus the kind's extra loss terms with their weights;
 * metrics with TRL's names, averaged over the logging window and written to ``log_history``.
 
 Several processes (``torchrun`` / ``accelerate launch``, DDP, FSDP, DeepSpeed; :mod:`preftune.distributed`):
@@ -34,13 +35,12 @@ from preftune.distributed import (
     GlobalLengthGroupedSampler,
     forward_through,
     global_counts,
-    inner_module,
     reduce_stored_metrics,
 )
+from preftune.engine.kinds import kind_for
 from preftune.engine.layout import collate_pairs
-from preftune.engine.logprobs import sequence_logps
-from preftune.engine.rewards import sequence_rewards
-from preftune.guard import GuardedTrainerMixin
+from preftune.engine.options import configure_engine
+from preftune.guard import GuardedTrainerMixin, check_nan_policy
 from preftune.losses import compute_loss as loss_from_table
 from preftune.outputs import CrashSafeCheckpointMixin
 from preftune.types import PairRewards, PolicyLogps, TokenizedPair
@@ -51,6 +51,16 @@ _HONOURS_SCALED_LOSS = hasattr(Trainer, "loss_is_scaled_for_ga")  # transformers
 def _fields(record) -> dict[str, Any]:
     """A dataclass's fields as a shallow dict (a wrapper's forward returns dicts of tensors)."""
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
+def _to_host(values: dict[str, Any]) -> dict[str, float]:
+    """Scalars (0-d tensors or numbers) as Python floats with one device-to-host copy for all the tensors."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    if tensors:
+        flat = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        out.update(zip(tensors, flat))
+    return {k: out[k] for k in values}
 
 
 class PairDataset(Dataset):
@@ -71,34 +81,20 @@ class PairDataset(Dataset):
 class PairCollator:
     """Collate :class:`TokenizedPair` items with the engine's layout switches.
 
-    ``model``: when given, the layout of its kind (:func:`preftune.engine.layout_seq2seq.collate_for`:
-    encoder and decoder rows for an encoder–decoder model); else :func:`collate_pairs`.
+    ``model``: when given, the layout of its kind (``kind_for(model).collate``: e.g. encoder and
+    decoder rows for an encoder–decoder model, image inputs for a vision–language model); else
+    :func:`collate_pairs` (text, decoder-only).
     """
 
     def __init__(self, engine_args: EngineArguments, pad_token_id: int, model: Optional[torch.nn.Module] = None):
-        from preftune.engine.layout_seq2seq import collate_for
-
         self.engine_args = engine_args
         self.pad_token_id = pad_token_id
-        self.collate = collate_pairs if model is None else collate_for(model)
+        self.collate = collate_pairs if model is None else kind_for(model).collate
 
     def __call__(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         e = self.engine_args
         return self.collate(pairs, share_prompt=e.share_prompt, padding_free=e.padding_free,
                             max_tokens_per_batch=e.max_tokens_per_batch, pad_token_id=self.pad_token_id)
-
-
-def preference_metrics(logps: PolicyLogps, out) -> dict[str, torch.Tensor]:
-    """Batch-mean metrics with TRL's names from a :class:`LossOutput` (detached scalars)."""
-    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-    metrics = {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/accuracies": (chosen > rejected).float().mean(),
-        "rewards/margins": (chosen - rejected).mean(),
-    }
-    metrics.update({k: v.detach().float() for k, v in out.metrics.items()})
-    return metrics
 
 
 class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
@@ -137,15 +133,11 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         resolve_reference_options(loss_args, engine_args,
                                   has_ref_model=ref_model is not None or reference_context is not None)
         super().__init__(*args, **kwargs)
-        from preftune.engine.kinds.moe import configure_router_aux
-
-        try:  # --router_aux_loss_coef: recorded on the model (None: its config decides)
-            configure_router_aux(self.model, getattr(loss_args, "router_aux_loss_coef", None))
+        check_nan_policy(self.args)  # before training: --nan_policy skip_batch cannot work under DeepSpeed
+        try:  # attention kernel, activation budget, speed paths; --router_aux_loss_coef (None: the config's)
+            configure_engine(self.model, engine_args, router_aux_loss_coef=getattr(loss_args, "router_aux_loss_coef", None))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        from preftune.engine.options import configure_engine
-
-        configure_engine(self.model, engine_args)  # attention kernel, activation budget, speed paths
         self.loss_args = loss_args
         self.engine_args = engine_args
         self.reference_context = reference_context
@@ -194,19 +186,27 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         return contextlib.nullcontext()
 
     # ---- loss -----------------------------------------------------------------------------------
-    def _logps(self, model, batch) -> PolicyLogps:
-        """:func:`sequence_logps` of ``model`` (wrapped by DDP / FSDP / DeepSpeed or not), run inside
-        its forward (:func:`preftune.distributed.forward_through`)."""
-        chunk = self.engine_args.logprob_chunk_size
-        return PolicyLogps(**forward_through(model, lambda m: _fields(sequence_logps(m, batch, chunk))))
+    def _score(self, model, batch) -> PolicyLogps | PairRewards:
+        """The batch scored by the model's kind (``kind.score``: per-sequence log-probs, or rewards of
+        a reward model), run inside the forward of ``model`` wrapped by DDP / FSDP / DeepSpeed or not
+        (:func:`preftune.distributed.forward_through`)."""
+        chunk, made = self.engine_args.logprob_chunk_size, []
+
+        def score(m):
+            out = kind_for(m).score(m, batch, chunk)
+            made.append(type(out))
+            return _fields(out)  # a wrapper's forward returns dicts of tensors
+
+        fields = forward_through(model, score)
+        return made[-1](**fields)
 
     def _reference_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             if self.ref_model is not None:
-                ref = self._logps(self.ref_model, batch)
+                ref = self._score(self.ref_model, batch)
             elif self.reference_context is not None:
                 with self.reference_context():
-                    ref = self._logps(model, batch)
+                    ref = self._score(model, batch)
             else:
                 raise RuntimeError(
                     f"--loss {self.loss_args.loss} needs reference log-probs: use LoRA (--use_peft), "
@@ -219,30 +219,23 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
 
         ``counts``: the optimizer step's :class:`GlobalCounts`; the loss is then this batch's share
         ``W * sum_i loss_i / N`` (NLL normalised by the step's chosen tokens) instead of the batch
-        mean. Scalar terms computed per batch (the MoE router loss) weigh ``W * B / N``.
+        mean. The kind's extra loss terms (e.g. a mixture-of-experts router loss), computed per batch,
+        are added with their weights and weigh ``W * B / N`` of the step.
         """
-        if self.loss_args.is_reward_model:  # --loss rm: value-head rewards, TRL RewardTrainer's metrics
-            rewards = PairRewards(**forward_through(model, lambda m: _fields(sequence_rewards(m, batch))))
-            out = loss_from_table(rewards, self.loss_args)
-            loss = out.losses.mean() if counts is None else out.losses.sum() * (counts.world_size / counts.pairs)
-            return loss, dict(out.metrics)
-        logps = self._logps(model, batch)
-        if self.loss_args.needs_reference and logps.ref_chosen_logps is None:
-            logps.ref_chosen_logps, logps.ref_rejected_logps = self._reference_logps(model, batch)
+        scores = self._score(model, batch)
+        if self.loss_args.needs_reference and scores.ref_chosen_logps is None:
+            scores.ref_chosen_logps, scores.ref_rejected_logps = self._reference_logps(model, batch)
         if counts is None:
-            out = loss_from_table(logps, self.loss_args)
+            out = loss_from_table(scores, self.loss_args)
             loss, share = out.losses.mean(), 1.0
         else:
-            out = loss_from_table(logps, self.loss_args, num_pairs_total=counts.pairs,
+            out = loss_from_table(scores, self.loss_args, num_pairs_total=counts.pairs,
                                   nll_normaliser=counts.chosen_tokens)
             loss, share = out.losses.sum() * (counts.world_size / counts.pairs), counts.share(out.losses.shape[0])
-        metrics = preference_metrics(logps, out)
-        aux = logps.extra_losses.get("aux_loss")
-        if aux is not None:  # mixture of experts: + coef * router load balancing (engine/kinds/moe.py), as TRL
-            from preftune.engine.kinds.moe import router_aux_coef
-
-            loss = loss + (share * router_aux_coef(inner_module(model))) * aux.to(loss.dtype)
-            metrics["aux_loss"] = aux.detach().float()
+        metrics = {k: v.detach().float() for k, v in out.metrics.items()}
+        for name, term in scores.extra_losses.items():
+            loss = loss + (share * scores.extra_loss_weights.get(name, 1.0)) * term.to(loss.dtype)
+            metrics[name] = term.detach().float()
         return loss, metrics
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
@@ -252,11 +245,13 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         loss, metrics = self.batch_loss_and_metrics(model, inputs, counts)
         if counts is not None and not _HONOURS_SCALED_LOSS:  # an older Trainer divides by the accumulation steps
             loss = loss * self.current_gradient_accumulation_steps
-        finite = self.guard_batch(loss, metrics, inputs) if model.training else True  # raises under --nan_policy stop
+        values = _to_host({"loss": loss, **metrics})  # one device sync for the loss and every metric
+        loss_value = values.pop("loss")
+        finite = self.guard_batch(loss_value, values, inputs) if model.training else True  # raises under stop
         if model.training:
             self.logical_tokens_seen += int(inputs["num_logical_tokens"])
         if finite:  # a skipped batch's terms stay out of the logged means
-            self._store(metrics, "train" if model.training else "eval")
+            self._store(values, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -267,9 +262,9 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         return loss.detach(), None, None
 
     # ---- metrics --------------------------------------------------------------------------------
-    def _store(self, metrics: dict[str, torch.Tensor], split: str) -> None:
-        for key, value in metrics.items():
-            self._stored_metrics[split][key].append(float(value))
+    def _store(self, metrics: dict[str, Any], split: str) -> None:
+        for key, value in _to_host(metrics).items():
+            self._stored_metrics[split][key].append(value)
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Add the stored metrics (means over the window's micro-batches of *all* ranks: one

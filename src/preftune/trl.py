@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from preftune import trl_support as support
-from preftune.cli_args import config_to_yaml
-from preftune.config import ConfigError, PeftArguments, resolve_reference_options
+from preftune.config import ConfigError, PeftArguments, RunConfig
+from preftune.modeling import is_peft_model
+from preftune.run_setup import amp_name, prepare_run
 from preftune.trainer import PairDataset, PreferenceTrainer
 from preftune.trl_config import CPOConfig, DPOConfig, ORPOConfig, RewardConfig, _TRLConfig
 
@@ -39,22 +40,21 @@ logger = logging.getLogger("preftune.trl")
 class _TRLTrainer(PreferenceTrainer):
     """The shared construction of the TRL-shaped trainers (see the module docstring).
 
-    After construction: ``preftune_groups`` (the configuration groups, as ``preftune train`` resolves
-    them) and ``data_report`` (the data lines: format, counts, truncations).
+    After construction: ``preftune_groups`` (the :class:`~preftune.config.RunConfig`, as ``preftune train``
+    resolves it) and ``data_report`` (the data lines: format, counts, truncations).
     """
 
     _config_class: ClassVar[type[_TRLConfig]]
 
     def _build(self, model, ref_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
                peft_config, unsupported: dict[str, Any], legacy: dict[str, Any]) -> None:
+        """Translate TRL's arguments into a :class:`~preftune.config.RunConfig` (+ the objects the script
+        passed), run the one setup (:func:`preftune.run_setup.prepare_run`, as ``preftune train`` does),
+        then build the trainer."""
         from transformers import set_seed
 
-        from preftune.data import build_datasets
-        from preftune.data.pipeline import check_preference_signal, records_to_raw
-        from preftune.engine.kinds import kind_for
-        from preftune.models import prepare_for_gradient_checkpointing
-        from preftune.peft_utils import _is_peft_model, apply_peft
-        from preftune.train import configure_cpu_numerics, quiet_replicas, trainer_kwargs
+        from preftune.data.pipeline import records_to_raw
+        from preftune.models import apply_peft, ready_tokenizer
 
         name = type(self).__name__
         for key, value in unsupported.items():
@@ -67,26 +67,14 @@ class _TRLTrainer(PreferenceTrainer):
             args = self._config_class(output_dir=f"{str(base).rstrip('/').split('/')[-1]}-"
                                                  f"{self._config_class._trainer_name}")
         args, processing_class = self._apply_legacy(args, processing_class, legacy)
-        quiet_replicas()
-        set_seed(args.seed)
-        loss_args = args.preftune_groups()[3]
-        reward = loss_args.is_reward_model
-
+        set_seed(args.seed)  # before a model given by name is loaded: a new reward head or LoRA is seeded
+        loss_args = args.preftune_groups().loss
+        reward = loss_args.spec.consumes == "rewards"
+        given = model
         model, model_args = support.resolve_model(model, args, reward=reward, where=name)
-        kind_for(model).head(model)  # an architecture no engine kind supports: one clear error, before the data
-        processing_class = support.ready_tokenizer(processing_class, model_args, name)
-        if reward:
-            model.config.pad_token_id = processing_class.pad_token_id  # the reward is read at the last non-pad
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and gen.pad_token_id is None:
-            gen.pad_token_id = processing_class.pad_token_id
-        # reference-cache key: a model loaded here by name is keyed as the CLI keys it; an object by its weights
-        amp = "bf16" if args.bf16 else "fp16" if args.fp16 else "none"
-        object_key = None
-        if loss_args.needs_reference and ref_model is None and not isinstance(self._given_model, str):
-            object_key = f"object|{model_args.model_name_or_path}|{support.fingerprint(model)}|amp={amp}"
+        processing_class = ready_tokenizer(processing_class, model_args, where=name)
 
-        continuing = _is_peft_model(model)  # a PeftModel passed: its adapter trains on, from as it is
+        continuing = is_peft_model(model)  # a PeftModel passed: its adapter trains on, from as it is
         if continuing and peft_config is not None:
             raise ConfigError(f"{name}: the model already has peft adapters; pass peft_config=None, or the base "
                               "model together with peft_config")
@@ -96,62 +84,52 @@ class _TRLTrainer(PreferenceTrainer):
             peft_args = support.lora_to_peft_args(peft_config, model, reward=reward)
             if args.disable_dropout:
                 peft_args.lora_dropout = 0.0  # TRL zeroes LoRA's dropout too; the YAML then says what ran
-            model = apply_peft(model, peft_args, reward_head=reward)
+            model = apply_peft(model, peft_args)
         else:
             peft_args = PeftArguments()
-        if args.gradient_checkpointing and peft_args.use_peft:
-            prepare_for_gradient_checkpointing(model)
         if args.disable_dropout:
             support.disable_dropout(model)
             peft_args.lora_dropout = 0.0
+        config = args.preftune_groups(model_args, peft_args)
+        ref_model, ref_key = self._reference(config, model, given, ref_model, continuing)
+        prepared = prepare_run(config, model=model, tokenizer=processing_class,
+                               train_raw=records_to_raw(train_dataset, "train_dataset"),
+                               eval_raw=None if eval_dataset is None else records_to_raw(eval_dataset, "eval_dataset"),
+                               ref_model=ref_model, ref_key=ref_key, continuing=continuing)
+        super().__init__(**prepared.trainer_kwargs(), callbacks=callbacks, optimizers=optimizers)
+        self.run_config_yaml = prepared.config_yaml  # written into every checkpoint, as preftune train does
+        self.preftune_groups = config
+        self.data_report = prepared.data.report
 
-        groups = args.preftune_groups(model_args, peft_args)
-        resolve_reference_options(groups[3], groups[4], has_ref_model=ref_model is not None)
-        configure_cpu_numerics(groups[4])
-        data = build_datasets(groups[2], processing_class, seed=args.seed,
-                              train_raw=records_to_raw(train_dataset, "train_dataset"),
-                              eval_raw=None if eval_dataset is None else records_to_raw(eval_dataset, "eval_dataset"))
-        check_preference_signal(data.train, groups[3].loss)  # every pair identical: DataError; some: a warning
-        if reward:  # identical pairs skipped and counted
-            from preftune.score import prepare_reward_data
+    def _reference(self, config: RunConfig, model, given, ref_model, continuing: bool):
+        """TRL's reference rules as preftune's: ``(ref_model, reference-cache key)``.
 
-            data = prepare_reward_data(data)
-        ref_ctx, live_ref = self._reference(groups, model, data, ref_model, object_key, continuing, amp)
-        run_config = config_to_yaml(groups)  # before the Trainer (it builds a TrainingArguments)
-        super().__init__(**trainer_kwargs(groups, model, processing_class, data, ref_ctx, live_ref),
-                         callbacks=callbacks, optimizers=optimizers)
-        self.run_config_yaml = run_config  # written into every checkpoint, as preftune train does
-        self.preftune_groups = groups
-        self.data_report = data.report
+        A ``ref_model`` given is that reference (dropout off when ``disable_dropout``), keyed by its
+        weights; a fully fine-tuned model with a live reference gets a frozen copy of itself; a model
+        passed as an object is keyed by its weights (a model loaded here by name as the CLI keys it).
 
-    _given_model: Any = None
-
-    def _reference(self, groups, model, data, ref_model, object_key, continuing, amp):
-        """``(reference_context, live_ref_model)`` for the DPO family (see :func:`preftune.train.attach_reference`)."""
-        from preftune.train import attach_reference
-
-        args, name = groups[5], type(self).__name__
-        if not groups[3].needs_reference:
+        Raises :class:`ConfigError`: a ``ref_model`` for a loss without a reference, or a ``PeftModel``
+        with ``precompute_ref_log_probs=False`` and no ``ref_model``.
+        """
+        name, args = type(self).__name__, config.training
+        amp = amp_name(args)
+        if not config.loss.needs_reference:
             if ref_model is not None:
-                raise ConfigError(f"{name}: ref_model given, but {groups[3].loss} uses no reference model")
+                raise ConfigError(f"{name}: ref_model given, but {config.loss.loss} uses no reference model")
             return None, None
-        precompute = groups[4].precompute_ref_log_probs
+        precompute = config.engine.precompute_ref_log_probs
         if ref_model is not None:
-            ref_model = ref_model.to(args.device).eval().requires_grad_(False)
             if args.disable_dropout:
                 support.disable_dropout(ref_model)
-            object_key = f"object|{support.fingerprint(ref_model)}|amp={amp}"
-        elif continuing and not precompute:
+            return ref_model, f"object|{support.fingerprint(ref_model)}|amp={amp}"
+        if continuing and not precompute:
             raise ConfigError(f"{name}: a PeftModel with precompute_ref_log_probs=False needs a ref_model "
                               "(or keep precompute_ref_log_probs=True: the reference is the model as passed)")
-        elif not groups[1].use_peft and not precompute:  # full fine-tuning, live reference: a frozen copy
-            ref_model = copy.deepcopy(model).to(args.device).eval().requires_grad_(False)
-        ref_ctx, live_ref = attach_reference(groups, model, data, ref_model=ref_model, model_key=object_key,
-                                             continuing=continuing,
-                                             batch_size=getattr(args, "precompute_ref_batch_size", None))
-        if continuing:  # adapters-off is not this reference (the adapter as passed): no live fallback
-            ref_ctx = None
-        return ref_ctx, live_ref
+        key = None if isinstance(given, str) else \
+            f"object|{config.model.model_name_or_path}|{support.fingerprint(model)}|amp={amp}"
+        if not config.peft.use_peft and not precompute:  # full fine-tuning, live reference: a frozen copy
+            return copy.deepcopy(model), key
+        return None, key
 
     def _apply_legacy(self, args, processing_class, legacy: dict[str, Any]):
         """Older spellings → today's (a copy of ``args``), logged in one line: trainer keywords, and a plain
@@ -206,19 +184,17 @@ class _TRLTrainer(PreferenceTrainer):
     def _tokenize(self, records, source: str):
         from preftune.data import build_datasets
         from preftune.data.pipeline import records_to_raw
+        from preftune.engine.kinds import kind_for
 
-        groups = self.preftune_groups
-        if groups[3].needs_reference and self.ref_model is None and self.reference_context is None:
+        config = self.preftune_groups
+        if config.loss.needs_reference and self.ref_model is None and self.reference_context is None:
             raise ConfigError(f"{type(self).__name__}.evaluate({source}=...): the reference log-probs were "
                               "precomputed and no live reference exists (full fine-tuning or a passed PeftModel); "
                               "pass this dataset as eval_dataset when building the trainer")
-        data = build_datasets(groups[2], self.processing_class, seed=self.args.seed,
-                              train_raw=records_to_raw(records, source))
-        if groups[3].is_reward_model:
-            from preftune.score import prepare_reward_data
-
-            data = prepare_reward_data(data)
-        return data.train
+        kind = kind_for(self.model)
+        data = build_datasets(config.data, self.processing_class, seed=self.args.seed,
+                              train_raw=records_to_raw(records, source), **kind.tokenize_options(self.model))
+        return kind.prepare_data(data).train
 
     # ---- saving -----------------------------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
@@ -232,46 +208,38 @@ class _TRLTrainer(PreferenceTrainer):
                 "# empty: set it to a file of the same records to repeat the run with `preftune train`\n")
         (out / "preftune_config.yaml").write_text(note + self.run_config_yaml)
         (out / "data_report.txt").write_text(self.data_report + "\n")
-        if self.preftune_groups[3].is_reward_model:
-            from preftune.score import save_value_head
+        from preftune.engine.kinds import kind_for
 
-            save_value_head(self.model, out)
+        kind_for(self.model).save_extras(self.model, out)  # a reward model's value_head.safetensors
 
 
 def _unsupported(**kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
-class CPOTrainer(_TRLTrainer):
+class _PolicyTrainer(_TRLTrainer):
+    """TRL 1.16's constructor of the trainers without a reference model (CPO and ORPO share it)."""
+
+    def __init__(self, model=None, args: Optional[_TRLConfig] = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, model_init=None, callbacks=None,
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
+                 compute_metrics=None, **legacy):
+        self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+                    peft_config, _unsupported(data_collator=data_collator, model_init=model_init,
+                                              preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                                              compute_metrics=compute_metrics), legacy)
+
+
+class CPOTrainer(_PolicyTrainer):
     """TRL 1.16's ``CPOTrainer`` signature on preftune (CPO, SimPO, CPO-SimPO; :class:`CPOConfig`)."""
 
     _config_class = CPOConfig
 
-    def __init__(self, model=None, args: Optional[CPOConfig] = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, model_init=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
-                 compute_metrics=None, **legacy):
-        self._given_model = model
-        self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-                    peft_config, _unsupported(data_collator=data_collator, model_init=model_init,
-                                              preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                                              compute_metrics=compute_metrics), legacy)
 
-
-class ORPOTrainer(_TRLTrainer):
+class ORPOTrainer(_PolicyTrainer):
     """TRL 1.16's ``ORPOTrainer`` signature on preftune (:class:`ORPOConfig`)."""
 
     _config_class = ORPOConfig
-
-    def __init__(self, model=None, args: Optional[ORPOConfig] = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, model_init=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, peft_config=None,
-                 compute_metrics=None, **legacy):
-        self._given_model = model
-        self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-                    peft_config, _unsupported(data_collator=data_collator, model_init=model_init,
-                                              preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                                              compute_metrics=compute_metrics), legacy)
 
 
 class DPOTrainer(_TRLTrainer):
@@ -288,7 +256,6 @@ class DPOTrainer(_TRLTrainer):
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None, **legacy):
-        self._given_model = model
         self._build(model, ref_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
                     peft_config, _unsupported(data_collator=data_collator, compute_metrics=compute_metrics,
                                               quantization_config=quantization_config), legacy)
@@ -308,7 +275,6 @@ class RewardTrainer(_TRLTrainer):
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
                  quantization_config=None, peft_config=None, **legacy):
-        self._given_model = model
         self._build(model, None, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
                     peft_config, _unsupported(data_collator=data_collator, compute_metrics=compute_metrics,
                                               optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,

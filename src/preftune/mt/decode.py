@@ -14,10 +14,7 @@ import weakref
 
 import torch
 
-
-def _is_encoder_decoder(model) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
+from preftune.modeling import is_encoder_decoder
 
 _NEWLINE_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -76,7 +73,7 @@ def greedy_loop_supported(model) -> bool:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if _is_encoder_decoder(model):
+    if is_encoder_decoder(model):
         return False
     params = inspect.signature(model.forward).parameters
     if "position_ids" not in params or "logits_to_keep" not in params:

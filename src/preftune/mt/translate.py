@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from preftune.modeling import is_encoder_decoder
 from preftune.mt.decode import (  # noqa: F401 - re-exported: the translate module's public names
     _has_newline_token,
-    _is_encoder_decoder,
     _stops_at_newline,
     greedy_continuous,
     greedy_loop_supported,
@@ -56,25 +56,31 @@ def default_model_name(model: str | None, adapter: str | None) -> str:
     return "SmolLM2-135M-Instruct"
 
 
-def load_translation_model(model: str | None, adapter: str | None = None, dtype: str = "float32"):
-    """Load ``(model, tokenizer)`` for inference through :func:`preftune.models.load_model_and_tokenizer`.
+def load_translation_model(model: str | None, adapter: str | None = None, dtype: str = "float32",
+                           device: str = "auto"):
+    """Load ``(model, tokenizer)`` for inference through :func:`preftune.models.load_model_and_tokenizer`,
+    on ``device`` (:class:`preftune.device.DevicePolicy`: ``auto`` is the GPU when there is one; there
+    ``--dtype auto`` is bfloat16 / float16, float32 on the CPU).
 
     An adapter is loaded with peft and merged into the base weights (faster decoding); the model
     is put in eval mode with gradients off; the tokenizer pads on the left (on the right for an
     encoder–decoder model).
     """
     from preftune.config import ModelArguments, PeftArguments
+    from preftune.device import DevicePolicy
     from preftune.models import load_model_and_tokenizer
 
+    policy = DevicePolicy.of(device)
     peft_args = PeftArguments(peft_model_id=adapter) if adapter else PeftArguments()
-    lm, tok = load_model_and_tokenizer(ModelArguments(model_name_or_path=model, dtype=dtype), peft_args,
-                                       training=False)
+    lm, tok = load_model_and_tokenizer(ModelArguments(model_name_or_path=model, dtype=policy.model_dtype(dtype)),
+                                       peft_args, training=False)
     if adapter:
         lm = lm.merge_and_unload()
+    lm.to(policy.device)
     lm.eval()
     lm.requires_grad_(False)
     lm.config.use_cache = True
-    tok.padding_side = "right" if _is_encoder_decoder(lm) else "left"
+    tok.padding_side = "right" if is_encoder_decoder(lm) else "left"
     return lm, tok
 
 
@@ -178,7 +184,7 @@ def _generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     """One ``model.generate`` batch: cleaned outputs per prompt and truncated sequences per prompt."""
     from transformers import StoppingCriteriaList
 
-    encoder_decoder = _is_encoder_decoder(model)
+    encoder_decoder = is_encoder_decoder(model)
     tokenizer.padding_side = "right" if encoder_decoder else "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     enc = {k: v.to(model.device) for k, v in enc.items()}

@@ -95,7 +95,7 @@ def save_final(trainer, model, tokenizer, metrics: dict[str, float], files: dict
     Returns ``output_dir``.
     """
     from preftune.faults import fault_point
-    from preftune.peft_utils import save_adapter
+    from preftune.models.peft import save_adapter
 
     out = Path(trainer.args.output_dir)
     trainer.guard.check_weights(model, "the final save")
