@@ -204,6 +204,11 @@ def test_implicit_text_prompt_ends_at_turn_boundary(tmp_path):
 
 
 def test_implicit_text_without_shared_marker(tmp_path):
+    """Without a shared Assistant turn the prompt is TRL's longest common prefix; no shared text at all
+    is an error naming the record."""
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "Human: x\n\nAssistant: a", "rejected": "Human: y"}])
+    assert normalise(load_raw(path), args()).records[0] == {"prompt": "Human:", "chosen": " x\n\nAssistant: a",
+                                                            "rejected": " y"}
     path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "Human: x\n\nAssistant: a", "rejected": "Other: b"}])
     with pytest.raises(DataError, match=rf"^{path}, line 1, field 'chosen': chosen and rejected share no"):
         normalise(load_raw(path), args())

@@ -6,11 +6,13 @@ The format of a file is detected from the field set and value types of all its r
 * ``standard``: ``prompt``, ``chosen``, ``rejected`` strings (TRL).
 * ``conversational``: ``prompt`` a list of ``{role, content}`` messages, ``chosen`` / ``rejected``
   lists of assistant messages (TRL; the chat template is applied at tokenisation).
-* ``implicit_prompt``: only ``chosen`` and ``rejected``, two whole dialogues sharing all but the
-  last reply (Anthropic HH-RLHF, Bai et al. 2022). Text dialogues: the prompt is the common prefix
-  cut back to the last ``"\\n\\nAssistant:"`` marker it contains, so it always ends at a turn
-  boundary even when both final replies start alike (an empty final reply is kept and counted). Message lists: the prompt is the common
-  leading messages, backed off so both remainders start with an assistant message.
+* ``implicit_prompt``: only ``chosen`` and ``rejected``, the prompt included in both (TRL's implicit
+  prompt; Anthropic HH-RLHF, Bai et al. 2022). Text: the prompt is the longest common prefix, as
+  TRL's ``extract_prompt`` takes it (a space before the first difference goes to the completions);
+  when that prefix holds a ``"\\n\\nAssistant:"`` marker (HH-RLHF dialogues) it is cut back to the
+  last one, so it ends at a turn boundary even when both final replies start alike (an empty final
+  reply is kept and counted). Message lists: the prompt is the common leading messages (TRL's rule),
+  backed off so both remainders start with an assistant message.
 * ``mt_triplets``: ALMA-R preference triplets (``translation`` dict; Xu et al. 2024, "Contrastive
   Preference Optimization"), converted by :func:`preftune.mt.readers.triplets_to_preference_records`
   into standard or conversational records.
@@ -79,7 +81,8 @@ class FormattedData:
             text += f" ({selection})"
         detail = {"standard": "prompt/chosen/rejected strings",
                   "conversational": "message lists, chat template at tokenisation",
-                  "implicit_prompt": (f"text dialogues, prompt = shared turns up to the last {ASSISTANT_MARKER!r}"
+                  "implicit_prompt": (f"texts, prompt = longest common prefix (cut back to the last {ASSISTANT_MARKER!r} "
+                                       "where it holds one)"
                                       if self.kind == "text" else "message lists, prompt = shared leading messages"),
                   "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records",
                   "prompt_completion": (f"prompt/completion {'strings' if self.kind == 'text' else 'message lists'}, "
@@ -226,17 +229,30 @@ def _attach_images(here: Here, record: dict, pair: dict, base_dir: Optional[str]
 
 
 def _split_text(here: Here, chosen: str, rejected: str) -> dict:
-    """HH-RLHF text: prompt = common prefix cut back to (and including) its last Assistant marker."""
+    """Text pair -> prompt / chosen / rejected: the prompt is the longest common prefix (TRL's
+    ``extract_prompt``), cut back to its last Assistant marker when it holds one (HH-RLHF dialogues).
+
+    TRL's rule, character by character: the prompt ends where chosen and rejected first differ, a space
+    just before that point goes to the completions, and when one text is a prefix of the other (or
+    both are equal) its last character is left as its completion. On HH-RLHF pairs this gives the same
+    prompt unless both final replies start alike (``" Sure, a"`` / ``" Sure, b"``): TRL then moves the
+    shared words into the prompt, which cuts inside a reply, so dialogues keep the turn boundary.
+    """
     limit = min(len(chosen), len(rejected))
-    common = next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
-    cut = chosen.rfind(ASSISTANT_MARKER, 0, common)
+    common = next((i for i in range(limit) if chosen[i] != rejected[i]), None)
+    cut = chosen.rfind(ASSISTANT_MARKER, 0, limit if common is None else common)
     # rfind(…, 0, common) only finds markers lying wholly inside the shared prefix.
-    if cut < 0:
-        raise here.fail("chosen", f"chosen and rejected share no {ASSISTANT_MARKER!r} turn; an implicit prompt "
-                                  "needs two dialogues that share all but the last assistant reply")
-    end = cut + len(ASSISTANT_MARKER)
-    # An empty final reply is kept (HH-RLHF has a few, e.g. a preferred silent non-answer); the
-    # completion is then the reply's whitespace + EOS. normalise() counts them.
+    if cut >= 0:
+        end = cut + len(ASSISTANT_MARKER)
+        # An empty final reply is kept (HH-RLHF has a few, e.g. a preferred silent non-answer); the
+        # completion is then the reply's whitespace + EOS. normalise() counts them.
+    elif common is None:
+        end = limit - 1  # one text is a prefix of the other: its last character is its completion (as TRL)
+    else:
+        end = common - 1 if common > 0 and chosen[common - 1] == " " else common
+    if end <= 0:
+        raise here.fail("chosen", "chosen and rejected share no leading text; an implicit prompt is the text both "
+                                  "start with (TRL's longest common prefix): give a 'prompt' field instead")
     return {"prompt": chosen[:end], "chosen": chosen[end:], "rejected": rejected[end:]}
 
 

@@ -1,0 +1,100 @@
+"""What a TRL user hits first when switching ``from trl`` to ``from preftune.trl`` (issue 22).
+
+Each test shows one TRL behaviour a script relies on: the implicit prompt taken as TRL takes it,
+``max_prompt_length == max_length`` as older TRL accepted it, the ``--no_X`` form of every boolean
+flag, ``model_init_kwargs`` as TRL's own scripts pass them, a given ``ref_model`` kept, ``aux_loss_enabled``,
+several eval sets, and TRL's exception types. Tiny random models, as in ``test_python_api.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import byte_tokenizer, tiny_llama
+
+from preftune.config import DataArguments
+from preftune.data import load_raw, normalise
+
+ASSISTANT = "\n\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random one-layer Llama + byte tokenizer, saved with save_pretrained."""
+    path = tmp_path_factory.mktemp("tiny-dropin")
+    tok = byte_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), layers=1)
+    model.config.max_position_embeddings = 2048
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def standard(n: int) -> list[dict]:
+    return [{"prompt": f"Q{i}: colour?", "chosen": f" {i} blue.", "rejected": f" No{i}."} for i in range(n)]
+
+
+def dpo_args(tmp_path: Path, **kwargs):
+    from preftune.trl import DPOConfig
+
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, save_strategy="no",
+                report_to="none", logging_steps=1)
+    base.update(kwargs)
+    return DPOConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. TRL's implicit prompt: the longest common prefix of chosen and rejected
+# ------------------------------------------------------------------------------------------------
+def test_implicit_prompt_text_is_the_longest_common_prefix(tmp_path):
+    records = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},  # TRL's implicit-prompt records
+               {"chosen": "Water boils at 100 C.", "rejected": "Water boils at 50 C."},
+               {"chosen": "Yes", "rejected": "Yes!"}]  # a prefix of the other: its last character is the completion
+    path = write_jsonl(tmp_path / "implicit.jsonl", records)
+    data = normalise(load_raw(path), DataArguments())
+    assert data.format == "implicit_prompt" and data.kind == "text"
+    assert data.records[0] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    assert data.records[1] == {"prompt": "Water boils at", "chosen": " 100 C.", "rejected": " 50 C."}
+    assert data.records[2] == {"prompt": "Ye", "chosen": "s", "rejected": "s!"}
+
+
+def test_implicit_prompt_equals_trl_extract_prompt(tmp_path):
+    """TRL's own function on the same records, where no HH-RLHF turn is involved; on HH-RLHF pairs whose
+    replies differ from their first word on, the two rules agree too."""
+    from trl.data_utils import extract_prompt
+
+    turn = "\n\nHuman: Tell me a fact." + ASSISTANT
+    records = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+               {"chosen": "a b c d", "rejected": "a b x"},
+               {"chosen": "Same", "rejected": "Same"},
+               {"chosen": turn + " Water boils at 100 C.", "rejected": turn + " No."}]
+    path = write_jsonl(tmp_path / "implicit.jsonl", records)
+    data = normalise(load_raw(path), DataArguments())
+    assert data.records == [extract_prompt(r) for r in records]
+
+
+def test_implicit_prompt_without_shared_text_names_the_record(tmp_path):
+    from preftune.errors import DataError
+
+    path = write_jsonl(tmp_path / "implicit.jsonl", [{"chosen": "Yes.", "rejected": "No."}])
+    with pytest.raises(DataError, match=rf"^{path}, line 1, field 'chosen': chosen and rejected share no leading text"):
+        normalise(load_raw(path), DataArguments())
+
+
+def test_dpo_trainer_trains_on_trl_implicit_prompt_records(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from preftune.trl import DPOTrainer
+
+    records = [{"chosen": f"Item {i} is blue.", "rejected": f"Item {i} is green."} for i in range(4)]
+    trainer = DPOTrainer(model_dir, args=dpo_args(tmp_path), train_dataset=Dataset.from_list(records))
+    assert "implicit_prompt" in trainer.data_report
+    trainer.train()
+    assert trainer.state.global_step == 1
