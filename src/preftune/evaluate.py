@@ -13,8 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 from preftune.config import ConfigError, EngineArguments, LossArguments
 from preftune.engine.kinds import kind_for
 from preftune.losses import compute_loss
@@ -54,27 +52,23 @@ def evaluate_pairs(model, pairs: list[TokenizedPair], loss_args: LossArguments, 
     ``min_*`` / ``max_*`` metrics, which are the minimum / maximum over all pairs; and ``num_pairs``.
     Pairs need ``ref_*`` filled for losses with a reference (the DPO family).
     """
-    kind = kind_for(model)
-    device = next(model.parameters()).device
+    from preftune.score import scored_batches
+
     sums: dict[str, float] = {}
     extremes: dict[str, float] = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start:start + batch_size]
-                batch = kind.collate(chunk, share_prompt=engine_args.share_prompt, padding_free=engine_args.padding_free,
-                                     max_tokens_per_batch=engine_args.max_tokens_per_batch, pad_token_id=pad_token_id)
-                scores = kind.score(model, {k: v.to(device) for k, v in batch.items()}, engine_args.logprob_chunk_size)
-                out = compute_loss(scores, loss_args)
-                sums["loss"] = sums.get("loss", 0.0) + float(out.losses.sum())
-                for key, value in out.metrics.items():
-                    if key.startswith(("min_", "max_")):
-                        pick = min if key.startswith("min_") else max
-                        extremes[key] = pick(extremes.get(key, float(value)), float(value))
-                    else:
-                        sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
+        for chunk, scores in scored_batches(model, pairs, engine_args, batch_size=batch_size,
+                                            pad_token_id=pad_token_id):
+            out = compute_loss(scores, loss_args)
+            sums["loss"] = sums.get("loss", 0.0) + float(out.losses.sum())
+            for key, value in out.metrics.items():
+                if key.startswith(("min_", "max_")):
+                    pick = min if key.startswith("min_") else max
+                    extremes[key] = pick(extremes.get(key, float(value)), float(value))
+                else:
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(chunk)
     finally:
         model.train(was_training)
     n = max(len(pairs), 1)

@@ -149,10 +149,12 @@ class ScoreArguments:
             raise ConfigError("give --output FILE.jsonl (where the scores go)")
 
 
-def reward_batches(model, pairs: list[TokenizedPair], engine_args, *, batch_size: int, pad_token_id: int,
+def scored_batches(model, pairs: list[TokenizedPair], engine_args, *, batch_size: int, pad_token_id: int,
                    progress: Optional[str] = None):
-    """Yield ``(chosen (b,), rejected (b,))`` float32 reward tensors (CPU) for ``pairs``, ``batch_size``
-    pairs per forward (no gradients), in order; a tqdm bar named ``progress`` when given."""
+    """Yield ``(chunk, scores)`` for ``pairs``, ``batch_size`` pairs per forward, in order, without
+    gradients: ``scores`` is what the model's kind computes (``PolicyLogps`` of a policy, ``PairRewards``
+    of a reward model) for the laid-out chunk; a tqdm bar named ``progress`` when given. Used by
+    ``preftune score`` and ``preftune evaluate``."""
     from preftune.engine.kinds import kind_for
 
     kind = kind_for(model)
@@ -168,8 +170,8 @@ def reward_batches(model, pairs: list[TokenizedPair], engine_args, *, batch_size
                 chunk = pairs[start:start + batch_size]
                 batch = kind.collate(chunk, share_prompt=engine_args.share_prompt, padding_free=engine_args.padding_free,
                                      max_tokens_per_batch=engine_args.max_tokens_per_batch, pad_token_id=pad_token_id)
-                rewards = kind.score(model, {k: v.to(device) for k, v in batch.items()})
-                yield rewards.chosen_rewards.cpu(), rewards.rejected_rewards.cpu()
+                yield chunk, kind.score(model, {k: v.to(device) for k, v in batch.items()},
+                                        engine_args.logprob_chunk_size)
                 if bar is not None:
                     bar.update(len(chunk))
     finally:
@@ -268,9 +270,9 @@ def score_file(model, tokenizer, data_args, engine_args, args: ScoreArguments) -
         to_score, keys = pairs, [((j, "chosen"), (j, "rejected")) for j in stats.kept_index]
     values: dict[Any, float] = {}
     done = 0
-    for chosen, rejected in reward_batches(model, to_score, engine_args, batch_size=args.batch_size,
-                                           pad_token_id=pad, progress="score"):
-        for c, r in zip(chosen.tolist(), rejected.tolist()):
+    for _, rewards in scored_batches(model, to_score, engine_args, batch_size=args.batch_size,
+                                     pad_token_id=pad, progress="score"):
+        for c, r in zip(rewards.chosen_rewards.tolist(), rewards.rejected_rewards.tolist()):
             key_c, key_r = keys[done]
             values[key_c] = c
             if key_r is not None:
