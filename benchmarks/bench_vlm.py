@@ -148,14 +148,14 @@ def worker_preftune(spec: dict, out_dir: str) -> dict:
     import preftune.models.load as mv
 
     counter = {}
-    original = mv.load_vision_model
+    original = mv.load_model
 
     def load_and_hook(*args, **kwargs):
         model = original(*args, **kwargs)
         counter["c"] = _VisionCounter(model.model.vision_tower)
         return model
 
-    mv.load_vision_model = load_and_hook  # preftune.models imports it at call time: the hook sees the reference pass
+    mv.load_model = load_and_hook  # looked up at call time by load_model_and_tokenizer: the hook sees every load
     run = setup(groups)
     reference_images, reference_calls = counter["c"].images, counter["c"].calls
     setup_s = time.perf_counter() - t0
