@@ -98,3 +98,38 @@ def test_dpo_trainer_trains_on_trl_implicit_prompt_records(model_dir, tmp_path):
     assert "implicit_prompt" in trainer.data_report
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. max_prompt_length == max_length, as older TRL accepted it (seed 001's DPO script)
+# ------------------------------------------------------------------------------------------------
+def test_prompt_budget_equal_to_max_length_is_accepted_and_a_full_prompt_counted(model_dir, tmp_path, caplog):
+    import math
+
+    from datasets import Dataset
+
+    from preftune.trl import DPOConfig, DPOTrainer
+
+    records = standard(4) + [{"prompt": "A long question " * 4, "chosen": " yes", "rejected": " no"}]
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                     save_strategy="no", report_to="none", logging_steps=1)
+    # the seeds' shape: the lengths given to the trainer (older TRL), max_prompt_length == max_length
+    with caplog.at_level("WARNING", logger="preftune.trl"):
+        trainer = DPOTrainer(model_dir, None, args=args, train_dataset=Dataset.from_list(records),
+                             max_length=24, max_prompt_length=24)
+    assert trainer.preftune_groups.data.max_prompt_length == 24
+    assert "1 prompts truncated" in trainer.data_report and "1 dropped" in trainer.data_report
+    assert len(trainer.train_dataset) == 4
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_prompt_budget_above_max_length_through_the_trl_door_and_the_cli():
+    from preftune.config import ConfigError
+    from preftune.trl import DPOConfig
+
+    assert DataArguments(max_length=512, max_prompt_length=512).max_prompt_length == 512  # the CLI accepts equality
+    with pytest.raises(ConfigError, match=r"--max_prompt_length \(600\) exceeds --max_length \(512\)"):
+        DataArguments(max_length=512, max_prompt_length=600)  # the CLI refuses a budget above the whole length
+    config = DPOConfig(output_dir="unused", max_length=512, max_prompt_length=600)  # TRL accepts it: same truncation
+    assert config.preftune_groups().data.max_prompt_length == 512

@@ -193,9 +193,9 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be > 0, got {value}")
-        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise ConfigError(
-                f"--max_prompt_length ({self.max_prompt_length}) must be smaller than --max_length ({self.max_length})")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length > self.max_length:  # equal: TRL's
+            raise ConfigError(f"--max_prompt_length ({self.max_prompt_length}) exceeds --max_length ({self.max_length}); "
+                              "a prompt of max_length tokens already leaves none for the completion")
 
 
 def _variant_help(flag: str) -> str:

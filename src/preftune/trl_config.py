@@ -115,6 +115,16 @@ class _TRLConfig(PreftuneTrainingArguments):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(group)
                 if f.init and not f.name.startswith("_") and f.name not in skip and hasattr(self, f.name)}
 
+    def _data_fields(self) -> dict[str, Any]:
+        """The :class:`DataArguments` keywords; a ``max_prompt_length`` above ``max_length`` (TRL accepts it)
+        becomes ``max_length``, which truncates every pair the same way (a prompt that fills ``max_length``
+        leaves no completion: the pair is dropped and counted) and which ``preftune train`` accepts too."""
+        fields = self._pick(DataArguments, skip=("dataset", "eval_file", "eval_ratio"))
+        budget, total = fields.get("max_prompt_length"), fields.get("max_length")
+        if budget and total and budget > total:
+            fields["max_prompt_length"] = total
+        return fields
+
     def preftune_groups(self, model_args: Optional[ModelArguments] = None,
                         peft_args: Optional[PeftArguments] = None) -> RunConfig:
         """The :class:`~preftune.config.RunConfig` (model, peft, data, loss, engine, training = ``self``)
@@ -124,7 +134,7 @@ class _TRLConfig(PreftuneTrainingArguments):
         """
         name = type(self).__name__
         try:
-            groups = [DataArguments(**self._pick(DataArguments, skip=("dataset", "eval_file", "eval_ratio"))),
+            groups = [DataArguments(**self._data_fields()),
                       LossArguments(**{**self._pick(LossArguments), **self.loss_fields()}),
                       EngineArguments(**self._pick(EngineArguments))]
         except ConfigError as err:
