@@ -37,11 +37,12 @@ def generate_side_by_side(model, tokenizer, records: list[dict], *, max_new_toke
     (or ``model``), ``chosen``, ``rejected`` (strings; missing fields are None).
     """
     from preftune.data.vision import is_processor, prompt_inputs, text_tokenizer
+    from preftune.engine.kinds import kind_for
 
     model.eval()
     has_adapter = hasattr(model, "disable_adapter")
     # an encoder–decoder model returns the decoder's tokens only (after its start token), not the prompt
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    after_prompt = kind_for(model).generates_after_prompt
     processor, tokenizer = tokenizer, text_tokenizer(tokenizer)  # a VLM's processor renders images too
     out = []
     for rec in records:
@@ -56,7 +57,7 @@ def generate_side_by_side(model, tokenizer, records: list[dict], *, max_new_toke
             kwargs["temperature"] = temperature
 
         def run(enc=enc, kwargs=kwargs) -> str:
-            ids = model.generate(**enc, **kwargs)[0, 1 if encoder_decoder else enc["input_ids"].shape[1]:]
+            ids = model.generate(**enc, **kwargs)[0, enc["input_ids"].shape[1] if after_prompt else 1:]
             return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
         row = {"prompt": text, "chosen": _completion_text(rec.get("chosen")),

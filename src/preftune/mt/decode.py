@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from preftune.modeling import is_encoder_decoder
+from preftune.engine.kinds import kind_for
 
 _NEWLINE_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -73,7 +73,7 @@ def greedy_loop_supported(model) -> bool:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if is_encoder_decoder(model):
+    if not kind_for(model).generates_after_prompt:  # an encoder–decoder model: model.generate
         return False
     params = inspect.signature(model.forward).parameters
     if "position_ids" not in params or "logits_to_keep" not in params:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from preftune.modeling import is_encoder_decoder
+from preftune.engine.kinds import kind_for
 from preftune.mt.decode import (  # noqa: F401 - re-exported: the translate module's public names
     _has_newline_token,
     _stops_at_newline,
@@ -80,7 +80,7 @@ def load_translation_model(model: str | None, adapter: str | None = None, dtype:
     lm.eval()
     lm.requires_grad_(False)
     lm.config.use_cache = True
-    tok.padding_side = "right" if is_encoder_decoder(lm) else "left"
+    tok.padding_side = "left" if kind_for(lm).generates_after_prompt else "right"
     return lm, tok
 
 
@@ -184,12 +184,12 @@ def _generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     """One ``model.generate`` batch: cleaned outputs per prompt and truncated sequences per prompt."""
     from transformers import StoppingCriteriaList
 
-    encoder_decoder = is_encoder_decoder(model)
-    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    after_prompt = kind_for(model).generates_after_prompt
+    tokenizer.padding_side = "left" if after_prompt else "right"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     # where the new tokens start in generate's output: after the prompt (causal), after the decoder start
-    prompt_len = 1 if encoder_decoder else enc["input_ids"].shape[1]
+    prompt_len = enc["input_ids"].shape[1] if after_prompt else 1
     stop = _StopAtNewline(tokenizer, prompt_len, None if legacy_stop else newline_token_mask(tokenizer))
     kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
                   do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,

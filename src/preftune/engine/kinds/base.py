@@ -75,6 +75,11 @@ class ModelKind:
     supports_8bit = True
     #: what the messages call these models
     description = "decoder-only causal LMs"
+    #: generation (``preftune generate``, ``mt translate``): ``model.generate`` returns the prompt
+    #: followed by the new tokens (decoder-only: prompts padded on the left, the new tokens start after
+    #: the prompt); False for an encoder–decoder model (prompts padded on the right, the output is the
+    #: decoder's: its start token, then the new tokens)
+    generates_after_prompt = True
 
     # ---- which models, and how they load --------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:

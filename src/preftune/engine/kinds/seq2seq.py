@@ -151,6 +151,7 @@ class Seq2SeqKind(ModelKind):
     auto_class = "AutoModelForSeq2SeqLM"
     peft_task_type = "SEQ_2_SEQ_LM"
     description = "encoder–decoder models"
+    generates_after_prompt = False
 
     def __init__(self, *, decoder_start_token_id: Optional[int] = 0, pad_token_id: int = 0, packable: bool = True,
                  model_type: str = "", missing_start: str = ""):
