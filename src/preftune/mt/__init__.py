@@ -1,0 +1,1 @@
+"""The ALMA-R machine-translation workflow: prompts, readers, triplets, scorers, translation, evaluation."""
