@@ -22,14 +22,12 @@ checkpoints automatically.
 
 **Heap trimming** (``--malloc_trim``, default on, glibc only): PyTorch allocates CPU tensors with
 ``posix_memalign``; with glibc 2.36 a freed activation-sized block is often not reused by the
-next same-sized aligned request, so the heap keeps about as many free bytes as the forward saves
-(measured: 1.23 GB free next to 1.19 GB saved after one forward, 2 rows of 512 tokens).
+next same-sized aligned request, so the heap keeps about as many free bytes as the forward saves.
 ``malloc_trim(0)`` after every decoder layer's forward and before its backward returns those
-pages to the system (peak RSS of that step 3.65 → 2.46 GB). Each trim costs time (the pages are
-faulted back in), so by default it runs only when the resident memory not held by malloc grew by
-``--malloc_trim_threshold_mb`` (256 MiB) since the last trim: on the README main job's shape a step
-12.8 → 10.3 s for 3.59 → 3.75 GB peak (768 MiB: 9.1 s, but the real-input main job passed 4 GB;
-docs/performance.md).
+pages to the system. Each trim costs time (the pages are faulted back in), so by default it runs
+only when the resident memory not held by malloc grew by ``--malloc_trim_threshold_mb`` (256 MiB)
+since the last trim. The measurements behind these choices (free heap next to saved activations,
+peak RSS and step time per threshold) are in docs/performance.md ("heap trimming").
 """
 
 from __future__ import annotations
