@@ -133,3 +133,50 @@ def test_prompt_budget_above_max_length_through_the_trl_door_and_the_cli():
         DataArguments(max_length=512, max_prompt_length=600)  # the CLI refuses a budget above the whole length
     config = DPOConfig(output_dir="unused", max_length=512, max_prompt_length=600)  # TRL accepts it: same truncation
     assert config.preftune_groups().data.max_prompt_length == 512
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. every boolean flag keeps its --no_ form (TRL's documented commands: --no_remove_unused_columns)
+# ------------------------------------------------------------------------------------------------
+def _bool_fields(cls: type) -> list[str]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if f.init and hints[f.name] in (bool, typing.Optional[bool])]
+
+
+def test_every_boolean_flag_of_every_group_has_its_no_form():
+    from transformers import HfArgumentParser
+
+    from preftune.cli_args import TRAIN_GROUPS, make_parser
+    from preftune.trl import CPOConfig, DPOConfig, ORPOConfig, RewardConfig
+
+    parsers = [(make_parser(), [name for g in TRAIN_GROUPS for name in _bool_fields(g)])]
+    parsers += [(HfArgumentParser((c,)), _bool_fields(c)) for c in (CPOConfig, DPOConfig, ORPOConfig, RewardConfig)]
+    for parser, names in parsers:
+        assert "remove_unused_columns" in names and len(names) > 20
+        for name in names:
+            for flag in (f"--no_{name}", f"--no-{name.replace('_', '-')}"):
+                namespace, rest = parser.parse_known_args([flag])
+                assert not rest and getattr(namespace, name) is False, flag
+        namespace, _ = parser.parse_known_args(["--remove_unused_columns"])  # the plain forms still work
+        assert namespace.remove_unused_columns is True
+        namespace, _ = parser.parse_known_args(["--remove_unused_columns", "false"])
+        assert namespace.remove_unused_columns is False
+
+
+def test_trl_documented_command_line_parses_with_preftune_configs():
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from preftune.cli_args import parse_groups
+    from preftune.trl import DPOConfig
+
+    argv = ["--dataset_name", "trl-lib/ultrafeedback_binarized", "--model_name_or_path", "Qwen/Qwen2-0.5B-Instruct",
+            "--learning_rate", "5.0e-7", "--output_dir", "Qwen2-0.5B-DPO", "--no_remove_unused_columns",
+            "--use_peft", "--lora_r", "32", "--lora_alpha", "16"]
+    _, config, _ = TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(argv)
+    assert config.remove_unused_columns is False and config.learning_rate == 5e-7
+    run = parse_groups(["--no_remove_unused_columns", "--no_precompute_ref_log_probs", "--use_peft", "--no_bf16"])
+    assert run.training.remove_unused_columns is False and run.engine.precompute_ref_log_probs is False
+    assert run.peft.use_peft is True and run.training.bf16 is False

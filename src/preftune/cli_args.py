@@ -1,21 +1,27 @@
 """Command-line and YAML parsing of the configuration groups.
 
 Flags are built from the dataclass fields by :class:`transformers.HfArgumentParser`, one
-argument group per dataclass (``preftune train --help`` is grouped); boolean flags accept both
-``--bf16`` and ``--bf16 true``. A YAML file gives the same keys; flags given on the command line
+argument group per dataclass (``preftune train --help`` is grouped); boolean flags accept
+``--bf16``, ``--bf16 true`` and ``--no_bf16`` (= ``--bf16 false``; transformers' parser only adds the
+``--no_`` form for a default of True, and TRL's documented commands use it where preftune changed the
+default, e.g. ``--no_remove_unused_columns``). A YAML file gives the same keys; flags given on the command line
 win. An unknown flag or YAML key is an error that suggests the closest valid name.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import enum
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -24,6 +30,38 @@ from preftune.config import GROUPS, RunConfig
 from preftune.errors import ConfigError
 
 
+class NegatableBool(argparse.Action):
+    """A boolean flag ``--X [true|false]`` that also takes ``--no_X`` / ``--no-X`` (= ``--X false``): the
+    argparse action of every boolean field whose default is not True (:func:`negatable_bools`)."""
+
+    def __init__(self, option_strings, dest, nargs=None, const=None, **kwargs):
+        name = option_strings[0][2:]
+        self.negations = (f"--no_{name}", f"--no-{name.replace('_', '-')}")
+        super().__init__([*option_strings, *self.negations], dest, nargs="?", const=True, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if values is None else values
+        setattr(namespace, self.dest, not value if option_string in self.negations else value)
+
+
+def negatable_bools(cls: type) -> type:
+    """Give every boolean field of the dataclass ``cls`` whose default is not True a ``--no_`` form, for
+    any :class:`HfArgumentParser` built on it (preftune's and TRL's ``TrlParser``), through the field's
+    metadata (transformers passes it to ``add_argument``). Inherited fields are copied first, so the base
+    class (``transformers.TrainingArguments``) is left as it is. Returns ``cls``."""
+    hints = typing.get_type_hints(cls)
+    own = cls.__dict__.get("__annotations__", {})
+    for name, f in list(cls.__dataclass_fields__.items()):
+        if not f.init or f.default is True or hints.get(name) not in (bool, Optional[bool]) \
+                or f.metadata.get("action") is not None:
+            continue
+        if name not in own:  # inherited: a copy of the base's field, changed here only
+            f = cls.__dataclass_fields__[name] = copy.copy(f)
+        f.metadata = types.MappingProxyType({**f.metadata, "action": NegatableBool})
+    return cls
+
+
+@negatable_bools
 @dataclass
 class PreftuneTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with preftune's defaults (flags unchanged)."""
@@ -110,6 +148,8 @@ class PreftuneTrainingArguments(TrainingArguments):
 
 
 TRAIN_GROUPS = (*GROUPS, PreftuneTrainingArguments)  # RunConfig's order
+for _group in GROUPS:
+    negatable_bools(_group)
 
 
 def _yaml_to_argv(config: dict[str, Any], source: str, valid: set[str]) -> list[str]:
@@ -178,7 +218,8 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
     # other tools' flags (ms-swift, ORPO scripts, ALMA) → preftune's; that tool's defaults go first
     aliased = apply_aliases(argv, _valid_names(groups), preset=yaml_argv)
     argv = aliased.argv
-    valid_flags = sorted("--" + n for n in _valid_names(groups))
+    valid_flags = sorted({"--" + n for n in _valid_names(groups)}
+                         | {s for s in parser._option_string_actions if s.startswith("--no_")})
     for token in argv:
         if token.startswith("--"):
             name = token.split("=", 1)[0]

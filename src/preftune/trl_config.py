@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from preftune.cli_args import PreftuneTrainingArguments
+from preftune.cli_args import PreftuneTrainingArguments, negatable_bools
 from preftune.config import (
     DataArguments,
     EngineArguments,
@@ -42,6 +42,7 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+@negatable_bools
 @dataclass
 class _TRLConfig(PreftuneTrainingArguments):
     """Fields shared by the TRL-shaped configs (TRL 1.16 names and defaults, plus preftune's engine)."""
@@ -149,6 +150,7 @@ class _TRLConfig(PreftuneTrainingArguments):
         return RunConfig(model_args or ModelArguments(), peft_args or PeftArguments(), data, loss, engine, self)
 
 
+@negatable_bools
 @dataclass
 class CPOConfig(_TRLConfig):
     """TRL 1.16's ``CPOConfig`` on preftune (CPO: Xu et al. 2024, arXiv 2401.08417, eq. 3; SimPO:
@@ -186,6 +188,7 @@ class CPOConfig(_TRLConfig):
         return {**loss, "beta": self.beta, "label_smoothing": self.label_smoothing, "cpo_alpha": self.cpo_alpha}
 
 
+@negatable_bools
 @dataclass
 class ORPOConfig(_TRLConfig):
     """TRL 1.16's ``ORPOConfig`` on preftune's ``orpo`` loss (Hong et al. 2024, arXiv 2403.07691, eq. 6;
@@ -201,6 +204,7 @@ class ORPOConfig(_TRLConfig):
         return {"loss": "orpo", "beta": self.beta}
 
 
+@negatable_bools
 @dataclass
 class DPOConfig(_TRLConfig):
     """TRL 1.16's ``DPOConfig`` on preftune's ``dpo`` loss (Rafailov et al. 2023, arXiv 2305.18290, eq. 7).
@@ -280,6 +284,7 @@ class DPOConfig(_TRLConfig):
                 "rpo_alpha": rpo_alpha}
 
 
+@negatable_bools
 @dataclass
 class RewardConfig(_TRLConfig):
     """TRL 1.16's ``RewardConfig`` on preftune's ``rm`` loss: a Bradley-Terry reward model,
