@@ -70,3 +70,35 @@ def test_dropout_masks_where_the_tensor_is():
     c = torch.rand(1000, generator=DevicePolicy.dropout_generator(x, 8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert np.isclose(float((a < 0.05).float().mean()), 0.05, atol=0.03)
+
+
+def test_training_step_asks_the_policy(monkeypatch):
+    """engine.memory: heap trimming only where the policy trims, the activation budget from the policy
+    when none is given (a GPU: a share of its free memory), the element size of autocast's dtype."""
+    from types import SimpleNamespace
+
+    from preftune.engine import memory
+
+    gpu = DevicePolicy(torch.device("cpu"), free_memory_bytes=10 << 30)  # answers as a GPU would, on the CPU
+    monkeypatch.setattr(DevicePolicy, "trims_heap", property(lambda self: self is not gpu))
+    monkeypatch.setattr(DevicePolicy, "activation_budget_gb",
+                        lambda self, requested: requested if requested is not None else (5.0 if self is gpu else 2.0))
+    seen = {}
+    monkeypatch.setattr(memory, "install_malloc_trim", lambda model, enabled, threshold: seen.update(trim=enabled))
+    monkeypatch.setattr(memory, "plan_checkpointing", lambda model, tokens, budget: seen.update(budget=budget))
+    options = SimpleNamespace(malloc_trim=True, malloc_trim_threshold_mb=256.0, compile_layers=False,
+                              max_activation_memory_gb=None)
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    model = torch.nn.Linear(2, 2)
+    memory.prepare_training_step(model, batch, options)
+    assert seen == {"trim": True, "budget": 2.0}  # the CPU
+    model = torch.nn.Linear(2, 2)
+    model._preftune_device_policy = gpu
+    memory.prepare_training_step(model, batch, options)
+    assert seen == {"trim": False, "budget": 5.0}
+    options.max_activation_memory_gb = 1.5
+    memory.prepare_training_step(model, batch, options)
+    assert seen["budget"] == 1.5
+    assert memory.activation_element_size(model) == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert memory.activation_element_size(model) == 2

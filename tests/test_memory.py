@@ -140,7 +140,18 @@ def _lora_model(make_tiny_llama, dropout):
     return apply_peft(model, PeftArguments(use_peft=True, lora_dropout=dropout, lora_r=4))
 
 
-def test_fused_lora_dropout_equals_explicit_mask_and_keeps_only_x():
+@pytest.fixture(params=["host", "device"])
+def mask_source(request, monkeypatch):
+    """Both sources of LoRA dropout masks: numpy on the host (CPU tensors) and a torch generator on the
+    tensor's device (GPU tensors; forced here on the CPU through the device policy)."""
+    from preftune.device import DevicePolicy
+
+    if request.param == "device":
+        monkeypatch.setattr(DevicePolicy, "host_dropout_masks", staticmethod(lambda tensor: False))
+    return request.param
+
+
+def test_fused_lora_dropout_equals_explicit_mask_and_keeps_only_x(mask_source):
     from preftune.models.lora_dropout import DropoutLinear, _mask
 
     torch.manual_seed(0)
@@ -168,7 +179,7 @@ def test_fused_lora_dropout_equals_explicit_mask_and_keeps_only_x():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
 
 
-def test_fused_lora_dropout_rate_and_independent_masks():
+def test_fused_lora_dropout_rate_and_independent_masks(mask_source):
     from preftune.models.lora_dropout import _mask
 
     x = torch.ones(400, 1000)  # 4e5 draws: the standard error of a rate near 0.05 is 3.4e-4

@@ -315,8 +315,8 @@ class EngineArguments:
         None, "Completion tokens per LM-head chunk; peak memory holds one [chunk, V] block. Default: auto, "
               "about 2^25 logits per block (682 rows at V=49k).")
     flush_denormal: bool = _option(
-        True, "CPU: flush denormal floats to zero (torch.set_flush_denormal). Tiny LoRA updates make "
-              "denormal gradients that slowed a CPO step 7x here.")
+        True, "CPU: flush denormal floats to zero (torch.set_flush_denormal): tiny LoRA updates make "
+              "denormal gradients, which are slow on x86 (docs/performance.md).")
     precompute_ref_log_probs: Optional[bool] = _option(
         None, "DPO: compute reference log-probs once before training (cached on disk). Default: on (--loss "
               "rm has no reference and refuses it).")
@@ -325,16 +325,15 @@ class EngineArguments:
                      "layout, memory linear in the row length) or 'mask' (a 4-D mask handed to the model's "
                      "SDPA, T^2 per row kept in every layer).")
     max_activation_memory_gb: Optional[float] = _option(
-        2.0, "Activations kept for the backward, GiB per step (estimated from the config): when a batch "
-             "needs more, the first decoder layers are checkpointed, as few as fit. inf: never "
-             "(--activation_checkpointing true: always, every layer).")
+        None, "Activations kept for the backward, GiB per step (estimated from the config): when a batch "
+              "needs more, the first decoder layers are checkpointed, as few as fit. Default: 2 on the CPU, "
+              "half the free memory on a GPU. inf: never (--activation_checkpointing true: every layer).")
     malloc_trim: bool = _option(
         True, "CPU, glibc: return free heap pages to the system after each decoder layer (glibc keeps about"
               " as much free heap as the activations otherwise).")
     malloc_trim_threshold_mb: float = _option(
         256.0, "With --malloc_trim: trim only when the resident memory not in use by malloc grew by more "
-               "than this many MiB since the last trim (0: after every layer; 256 measured 1.24x faster "
-               "than 0 at +153 MB, docs/performance.md).")
+               "than this many MiB since the last trim (0: after every layer; docs/performance.md).")
     compile_layers: bool = _option(
         False, "torch.compile each decoder layer (experimental speed path; the first steps compile).")
     fused_lm_head: bool = _option(

@@ -1,7 +1,7 @@
 """Memory of a training step: an activation estimate, layer checkpointing from a budget, heap trimming.
 
 **Activation estimate** (bytes saved for the backward per token and decoder layer, from the
-config; ``b`` = bytes per element of the parameters, ``H`` hidden size, ``I`` MLP width, ``Hq`` /
+config; ``b`` = bytes per saved element: the autocast dtype's under mixed precision, else the parameters', ``H`` hidden size, ``I`` MLP width, ``Hq`` /
 ``Hkv`` query / key-value heads of width ``D``, ``r`` LoRA rank)::
 
     b · (2·Hq·D + 2·Hkv·D + Hq      attention: Q, K, V, output, log-sum-exp (blockwise kernel)
@@ -12,7 +12,8 @@ config; ``b`` = bytes per element of the parameters, ``H`` hidden size, ``I`` ML
 For SmolLM2-135M (H 576, I 1536, 9/3 heads of 64, r 16) this is 40.4 KB per token and layer;
 measured with saved-tensor hooks: 39.5 KB (``benchmarks/memory_model.py``, docs/performance.md).
 
-**Budget** (``--max_activation_memory_gb``, default 2 GiB): before each training forward,
+**Budget** (``--max_activation_memory_gb``; unset: 2 GiB on the CPU, half the free memory on a
+GPU, :class:`preftune.device.DevicePolicy`): before each training forward,
 ``tokens × layers × estimate`` is compared with the budget; when it is larger, the first ``k``
 decoder layers are checkpointed (their input kept, the rest recomputed in the backward), with the
 smallest ``k`` that brings the estimate under the budget. The first layers are chosen because
@@ -40,6 +41,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from preftune.device import DevicePolicy
 
 logger = logging.getLogger("preftune.engine")
 
@@ -167,8 +170,21 @@ def _lora_rank(model: nn.Module) -> int:
     return max(int(getattr(c, "r", 0) or 0) for c in peft_config.values())
 
 
+def activation_element_size(model: nn.Module) -> int:
+    """Bytes per saved activation element: the autocast dtype's when mixed precision is on for the
+    parameters' device (``--bf16`` / ``--fp16``: activations are 2 bytes even with float32 weights),
+    else the parameters' dtype."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return 4
+    device_type = param.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.empty((), dtype=torch.get_autocast_dtype(device_type)).element_size()
+    return param.element_size()
+
+
 def activation_bytes_per_token_layer(model: nn.Module) -> int:
-    """The estimate of the module docstring, in bytes (parameter dtype)."""
+    """The estimate of the module docstring, in bytes (:func:`activation_element_size` per element)."""
     cfg = _text_config(model)
     h = int(getattr(cfg, "hidden_size", 0) or 0)
     hq = int(getattr(cfg, "num_attention_heads", 0) or 1)
@@ -180,9 +196,7 @@ def activation_bytes_per_token_layer(model: nn.Module) -> int:
         inter = int(experts) * int(cfg.moe_intermediate_size) + int(getattr(cfg, "shared_expert_intermediate_size", 0)
                                                                     or 0)
     floats = 2 * hq * d + 2 * hkv * d + hq + 4 * h + 2 + 4 * int(inter) + 8 * _lora_rank(model)
-    param = next(model.parameters(), None)
-    size = param.element_size() if param is not None else 4
-    return int(floats * size)
+    return int(floats * activation_element_size(model))
 
 
 def plan_checkpointing(model: nn.Module, tokens: int, budget_gb: Optional[float]) -> int:
@@ -204,7 +218,7 @@ def plan_checkpointing(model: nn.Module, tokens: int, budget_gb: Optional[float]
     if budget_gb is not None and not math.isinf(budget_gb):
         per_layer = tokens * activation_bytes_per_token_layer(model)
         hidden = int(getattr(_text_config(model), "hidden_size", 0) or 0)
-        kept = tokens * hidden * next(model.parameters()).element_size()
+        kept = tokens * hidden * activation_element_size(model)
         excess = per_layer * len(layers) - budget_gb * 2 ** 30
         if excess > 0:
             k = min(len(layers), math.ceil(excess / max(1, per_layer - kept)))
@@ -267,14 +281,26 @@ def install_compiled_layers(model: nn.Module) -> int:
     return len(layers)
 
 
+def device_policy(model: nn.Module, device: torch.device) -> DevicePolicy:
+    """The :class:`~preftune.device.DevicePolicy` of the device a model trains on, read once per model
+    and device (on CUDA its free memory at the first training step sizes the activation budget)."""
+    cached = getattr(model, "_preftune_device_policy", None)
+    if cached is None or cached.device.type != device.type:
+        cached = DevicePolicy.of(device)
+        model._preftune_device_policy = cached
+    return cached
+
+
 def prepare_training_step(model: nn.Module, batch: dict[str, torch.Tensor], options) -> None:
-    """Before a training forward: heap trimming hooks (``options.malloc_trim``), compiled layers
-    (``options.compile_layers``) and the layer checkpointing plan for this batch
-    (``options.max_activation_memory_gb``)."""
-    trim = (options.malloc_trim, options.malloc_trim_threshold_mb)
+    """Before a training forward: heap trimming hooks (``options.malloc_trim``, where the device policy
+    trims: the CPU), compiled layers (``options.compile_layers``) and the layer checkpointing plan for
+    this batch (``options.max_activation_memory_gb``; unset: the device policy's budget — 2 GiB on the
+    CPU, a share of the free memory on a GPU)."""
+    policy = device_policy(model, batch["input_ids"].device)
+    trim = (options.malloc_trim and policy.trims_heap, options.malloc_trim_threshold_mb)
     if trim != getattr(model, "_preftune_trim_enabled", (False, None)):
         install_malloc_trim(model, *trim)
         model._preftune_trim_enabled = trim
     if options.compile_layers:
         install_compiled_layers(model)
-    plan_checkpointing(model, int(batch["input_ids"].numel()), options.max_activation_memory_gb)
+    plan_checkpointing(model, int(batch["input_ids"].numel()), policy.activation_budget_gb(options.max_activation_memory_gb))

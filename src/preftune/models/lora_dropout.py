@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from preftune.device import DevicePolicy
+
 #: resolution of the keep decision: one uniform 16-bit integer per element
 _LEVELS = 1 << 16
 
@@ -34,19 +36,22 @@ def _keep(x: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, float]:
     ``q = round((1 - p) · 65536) / 65536`` independently per element (``|q - (1 - p)| ≤ 7.7e-6``),
     and ``scale = 1 / q``, so ``E[keep · scale] = 1`` exactly (inverted dropout).
 
-    The random bits come from numpy's PCG64 generator (``random_raw``: 64 raw bits give four
-    16-bit draws), seeded with ``seed``: ~0.7 ns per element against ~8 ns for torch's CPU
-    ``bernoulli_`` (torch 2.13, 2-vCPU Xeon), whose mask was ~30% of a LoRA SFT step with dropout
-    0.05 (py-spy profile; docs/performance.md).
+    Where the bits come from is the device policy's choice
+    (:meth:`preftune.device.DevicePolicy.host_dropout_masks`): for a CPU tensor numpy's PCG64
+    generator (``random_raw``: 64 raw bits give four 16-bit draws; faster than torch's serial CPU
+    ``bernoulli_``, docs/performance.md), for a GPU tensor a torch generator on its device
+    (``DevicePolicy.dropout_generator``), both seeded with ``seed``.
     """
     q_levels = round((1.0 - p) * _LEVELS)
+    if not DevicePolicy.host_dropout_masks(x):  # a GPU tensor: drawn on its device, no host work or copy
+        generator = DevicePolicy.dropout_generator(x, seed)
+        draws = torch.randint(-_LEVELS // 2, _LEVELS // 2, x.shape, generator=generator, device=x.device,
+                              dtype=torch.int32)
+        return draws < (q_levels - _LEVELS // 2), _LEVELS / q_levels
     n = x.numel()
     raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
     draws = torch.from_numpy(raw.view(np.int16)[:n]).view(x.shape)  # uniform on [-32768, 32767]
-    keep = draws < (q_levels - _LEVELS // 2)
-    if keep.device != x.device:
-        keep = keep.to(x.device)
-    return keep, _LEVELS / q_levels
+    return draws < (q_levels - _LEVELS // 2), _LEVELS / q_levels
 
 
 def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
