@@ -329,8 +329,9 @@ def test_config_fields_map_onto_preftune_groups():
             DPOConfig(**bad, **kw)
     assert loss(DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 1.0], **kw))[5] == ["sigmoid", "sft"]
     assert CPOConfig(alpha=0.5, **kw).preftune_groups()[3].alpha == 0.5  # AlphaPO
-    with pytest.raises(ConfigError, match="CPOConfig: --max_prompt_length"):
-        CPOConfig(max_length=64, max_prompt_length=64, **kw)
+    assert CPOConfig(max_length=64, max_prompt_length=64, **kw).preftune_groups().data.max_prompt_length == 64  # as TRL
+    with pytest.raises(ConfigError, match="CPOConfig: --max_prompt_length must be > 0"):
+        CPOConfig(max_length=64, max_prompt_length=0, **kw)
 
 
 def test_trainer_rejects_what_it_cannot_honour(model_dir):

@@ -180,3 +180,45 @@ def test_trl_documented_command_line_parses_with_preftune_configs():
     run = parse_groups(["--no_remove_unused_columns", "--no_precompute_ref_log_probs", "--use_peft", "--no_bf16"])
     assert run.training.remove_unused_columns is False and run.engine.precompute_ref_log_probs is False
     assert run.peft.use_peft is True and run.training.bf16 is False
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. model_init_kwargs as TRL's scripts pass them (trl/scripts/dpo.py, reward.py)
+# ------------------------------------------------------------------------------------------------
+def test_model_init_kwargs_of_trl_scripts_load_the_model(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from preftune.trl import DPOTrainer
+
+    init = dict(revision="main", trust_remote_code=False, attn_implementation=None, dtype="auto")
+    trainer = DPOTrainer(model_dir, args=dpo_args(tmp_path, model_init_kwargs=init),
+                         train_dataset=Dataset.from_list(standard(4)))
+    model_args = trainer.preftune_groups.model
+    assert model_args.attn_implementation == "sdpa" and model_args.dtype == "auto"  # the model's default: sdpa
+    assert trainer.model.config._attn_implementation == "sdpa"
+
+
+def test_attn_implementation_none_is_the_models_default_not_sdpa(tmp_path):
+    """GPT-OSS does not support sdpa: None must mean its default (eager), as from_pretrained chooses."""
+    from transformers import GptOssConfig
+
+    from preftune.trl_support import model_init_arguments
+
+    GptOssConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 intermediate_size=32, num_local_experts=2, vocab_size=300).save_pretrained(tmp_path)
+    args = model_init_arguments(str(tmp_path), {"attn_implementation": None, "revision": None, "dtype": None},
+                                False, "DPOTrainer")
+    assert args.attn_implementation == "eager" and args.dtype == "float32"
+    assert model_init_arguments(str(tmp_path), {"attn_implementation": "sdpa"}, False, "x").attn_implementation == "sdpa"
+
+
+def test_another_revision_is_refused_in_one_line(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from preftune.config import ConfigError
+    from preftune.trl import DPOTrainer
+
+    with pytest.raises(ConfigError, match=r"^DPOTrainer: model_init_kwargs revision='v1.0': preftune loads the "
+                                          r"default branch \(main\) only[^\n]*$"):
+        DPOTrainer(model_dir, args=dpo_args(tmp_path, model_init_kwargs={"revision": "v1.0"}),
+                   train_dataset=Dataset.from_list(standard(4)))

@@ -32,7 +32,7 @@ UNSUPPORTED_ARGS = {
     "quantization_config": "for QLoRA use `preftune train --load_in_4bit` (4-bit NF4 through bitsandbytes)",
 }
 
-MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code", "revision")
 # LoraConfig fields honoured (-> PeftArguments) and fields without effect on training
 _LORA_HONOURED = ("r", "lora_alpha", "lora_dropout", "target_modules")
 _LORA_NO_EFFECT = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -73,24 +73,18 @@ def training_fields(args) -> dict[str, Any]:
 
 def resolve_model(model: Any, args: Any, *, reward: bool, where: str):
     """``(model, ModelArguments)`` from a trainer's ``model``: a name/path is loaded (with
-    ``args.model_init_kwargs``: dtype / torch_dtype, attn_implementation, trust_remote_code) as a
-    causal LM, or for a reward model as a sequence classifier with one label; a loaded model is
-    described (its ``name_or_path``, dtype and attention kernel) and used as it is.
+    ``args.model_init_kwargs`` as TRL's scripts pass them, :func:`model_init_arguments`) as a causal LM,
+    or for a reward model as a sequence classifier with one label; a loaded model is described (its
+    ``name_or_path``, dtype and attention kernel) and used as it is.
 
-    Raises :class:`ConfigError` for other ``model_init_kwargs`` keys, ``model_init_kwargs`` with a
-    loaded model, or (reward) a loaded model that is not a one-label sequence classifier.
+    Raises :class:`ConfigError` for ``model_init_kwargs`` preftune cannot honour, ``model_init_kwargs``
+    with a loaded model, or (reward) a loaded model that is not a one-label sequence classifier.
     """
     from preftune.models import load_model
 
     init = dict(args.model_init_kwargs or {})
     if isinstance(model, str):
-        unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
-        if unknown:
-            raise ConfigError(f"{where}: model_init_kwargs {unknown} not supported; use {', '.join(MODEL_INIT_KEYS)}")
-        dtype = str(init.get("dtype", init.get("torch_dtype", "float32"))).replace("torch.", "")
-        model_args = ModelArguments(model_name_or_path=model, dtype=dtype,
-                                    attn_implementation=init.get("attn_implementation", "sdpa"),
-                                    trust_remote_code=bool(init.get("trust_remote_code", args.trust_remote_code)))
+        model_args = model_init_arguments(model, init, args.trust_remote_code, where)
         return load_model(model_args, training=True, reward_model=reward), model_args
     if init:
         raise ConfigError(f"{where}: model_init_kwargs given but the model is already loaded")
@@ -103,6 +97,45 @@ def resolve_model(model: Any, args: Any, *, reward: bool, where: str):
                                 attn_implementation=getattr(model.config, "_attn_implementation", None) or "sdpa")
     model.config.use_cache = False
     return model, model_args
+
+
+def model_init_arguments(name: str, init: dict[str, Any], trust_remote_code: bool, where: str) -> ModelArguments:
+    """:class:`ModelArguments` for loading ``name`` with TRL's ``model_init_kwargs`` ``init``, as
+    ``from_pretrained`` reads them: ``dtype`` / ``torch_dtype`` (a name, a ``torch.dtype`` or ``"auto"``;
+    None: float32, TRL's default), ``attn_implementation`` (None or absent: the model's own default, sdpa
+    where its class supports it, else eager, as transformers chooses), ``trust_remote_code``, and
+    ``revision`` (None or ``"main"``, the default branch, which is what preftune loads).
+
+    Raises :class:`ConfigError` for another revision (preftune loads offline: pass the directory of that
+    revision) or another key.
+    """
+    unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: model_init_kwargs {unknown} not supported; use {', '.join(MODEL_INIT_KEYS)}")
+    revision = init.get("revision")
+    if revision not in (None, "main"):
+        raise ConfigError(f"{where}: model_init_kwargs revision={revision!r}: preftune loads the default branch "
+                          "(main) only; download that revision and pass its directory as the model")
+    dtype = init.get("dtype", init.get("torch_dtype"))
+    dtype = "float32" if dtype is None else str(dtype).replace("torch.", "")
+    trust = bool(init.get("trust_remote_code", trust_remote_code))
+    attn = init.get("attn_implementation") or default_attention(name, trust)
+    return ModelArguments(model_name_or_path=name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
+
+
+def default_attention(name: str, trust_remote_code: bool) -> str:
+    """The attention kernel ``from_pretrained`` picks for ``name`` when none is asked for: sdpa where the
+    model's class supports it, else eager (GPT-OSS ...). sdpa when the class cannot be told (custom code,
+    a GGUF file, no config yet): loading then says what is wrong."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model_class = MODEL_MAPPING[type(config)]
+    except Exception:  # noqa: BLE001 - any failure here is reported by the loading itself
+        return "sdpa"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def ready_tokenizer(tokenizer: Any, model_args: ModelArguments, where: str):
