@@ -222,3 +222,26 @@ def test_another_revision_is_refused_in_one_line(model_dir, tmp_path):
                                           r"default branch \(main\) only[^\n]*$"):
         DPOTrainer(model_dir, args=dpo_args(tmp_path, model_init_kwargs={"revision": "v1.0"}),
                    train_dataset=Dataset.from_list(standard(4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. a given ref_model is kept (precompute_ref_log_probs on, preftune's default)
+# ------------------------------------------------------------------------------------------------
+def test_given_ref_model_is_kept_and_scores_new_eval_data(model_dir, tmp_path):
+    import math
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from preftune.trl import DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    args = dpo_args(tmp_path)
+    assert args.precompute_ref_log_probs
+    trainer = DPOTrainer(model, ref_model, args=args, train_dataset=Dataset.from_list(standard(4)))
+    assert trainer.ref_model is ref_model
+    assert trainer.ref_model.get_parameter("model.embed_tokens.weight") is not None  # what TRL's tests read
+    trainer.train()
+    metrics = trainer.evaluate(eval_dataset=Dataset.from_list(standard(6)[4:]))
+    assert math.isfinite(metrics["eval_loss"])

@@ -144,7 +144,9 @@ def attach_reference(config: RunConfig, model, data, *, ref_model=None, model_ke
     and stored on the pairs of ``data`` (cached on disk under ``model_key``, default
     :func:`model_identity`): by ``ref_model`` when given, else by the model as loaded — a continued
     adapter as it is (``continuing``), or, for a fresh LoRA, the base model, which adapters-off computes
-    exactly. Without it the reference runs live in each step: ``ref_model`` when given (moved to the
+    exactly; a given ``ref_model`` is still returned (the trainer keeps it as TRL does: the precomputed
+    log-probs serve training, it serves ``evaluate`` on data given later). Without it the reference
+    runs live in each step: ``ref_model`` when given (moved to the
     training device), adapters-off (LoRA; for a continued adapter only its frozen starting copy), or a
     second frozen copy loaded from ``config.model`` on the training device.
     ``batch_size``: pairs per precompute batch (default ``precompute_ref_batch_size`` of a TRL config,
@@ -171,7 +173,7 @@ def attach_reference(config: RunConfig, model, data, *, ref_model=None, model_ke
             attach_reference_logps(reference, data.train + (data.eval or []), model_key=key,
                                    reference_context=None if continuing or ref_model is not None else ref_ctx,
                                    batch_size=batch_size, chunk_size=config.engine.logprob_chunk_size)
-        return ref_ctx, None
+        return ref_ctx, ref_model  # a given ref_model is kept (as TRL keeps it): it scores new eval data
     if ref_model is None and not config.peft.use_peft:
         ref_model = load_reference_model(config.model).to(training.device)
     return (None, ref_model) if ref_model is not None else (ref_ctx, None)

@@ -248,7 +248,8 @@ class DPOTrainer(_TRLTrainer):
     ``ref_model``: None → the reference is the model as passed: adapters-off for a fresh LoRA
     (``peft_config``), the model itself for a ``PeftModel``, computed once before training with
     ``precompute_ref_log_probs`` (the default here) or, without it, live each step (adapters-off, or a
-    frozen copy of a fully fine-tuned model). A model given → that model is the reference.
+    frozen copy of a fully fine-tuned model). A model given → that model is the reference, kept as
+    ``trainer.ref_model`` as in TRL (with precomputed log-probs it also scores ``evaluate(eval_dataset=...)``).
     """
 
     _config_class = DPOConfig
