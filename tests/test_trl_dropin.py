@@ -245,3 +245,42 @@ def test_given_ref_model_is_kept_and_scores_new_eval_data(model_dir, tmp_path):
     trainer.train()
     metrics = trainer.evaluate(eval_dataset=Dataset.from_list(standard(6)[4:]))
     assert math.isfinite(metrics["eval_loss"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. trainer.aux_loss_enabled and TRL's MoE default
+# ------------------------------------------------------------------------------------------------
+def tiny_qwen3_moe(vocab_size: int):
+    """A tiny random Qwen3-MoE: its config declares output_router_logits=False (as the released ones)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0,
+                            router_aux_loss_coef=0.05)
+    assert config.output_router_logits is False
+    return Qwen3MoeForCausalLM(config)
+
+
+def test_aux_loss_enabled_follows_trl_moe_default(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from preftune.trl import CPOConfig, CPOTrainer, DPOTrainer
+
+    tok = byte_tokenizer()
+    data = Dataset.from_list(standard(4))
+    dpo = DPOTrainer(tiny_qwen3_moe(len(tok)), args=dpo_args(tmp_path), train_dataset=data, processing_class=tok)
+    assert dpo.aux_loss_enabled is True  # TRL's DPOTrainer: the config declares output_router_logits
+    assert dpo.preftune_groups.loss.router_aux_loss_coef == 0.05
+    dpo.train()
+    assert any("aux_loss" in h for h in dpo.state.log_history)
+    cpo_args = CPOConfig(output_dir=str(tmp_path / "cpo"), max_steps=1, save_strategy="no", report_to="none")
+    cpo = CPOTrainer(tiny_qwen3_moe(len(tok)), args=cpo_args, train_dataset=data, processing_class=tok)
+    assert cpo.aux_loss_enabled is False  # TRL's CPOTrainer: only with output_router_logits=True
+    dense = DPOTrainer(model_dir, args=dpo_args(tmp_path / "dense"), train_dataset=data)
+    assert dense.aux_loss_enabled is False
+    off = DPOTrainer(tiny_qwen3_moe(len(tok)), args=dpo_args(tmp_path / "off", router_aux_loss_coef=0.0),
+                     train_dataset=data, processing_class=tok)
+    assert off.aux_loss_enabled is False

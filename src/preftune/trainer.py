@@ -145,6 +145,15 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.logical_tokens_seen = 0
 
+    @property
+    def aux_loss_enabled(self) -> bool:
+        """TRL's attribute: whether the mixture-of-experts router load-balancing loss is added to every
+        loss (the model returns router logits and its weight, ``--router_aux_loss_coef`` or the config's, is
+        above 0; :func:`preftune.engine.kinds.moe.router_aux_enabled`)."""
+        from preftune.engine.kinds.moe import router_aux_enabled
+
+        return router_aux_enabled(self.model)
+
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         from preftune.distributed import enable_fsdp_on_cpu

@@ -45,6 +45,9 @@ class _TRLTrainer(PreferenceTrainer):
     """
 
     _config_class: ClassVar[type[_TRLConfig]]
+    # TRL's DPOTrainer adds the MoE router loss whenever the model's config declares output_router_logits
+    # (Qwen3-MoE ships it False); its CPO / ORPO trainers, as preftune's default, only when it is True
+    _router_loss_when_declared: ClassVar[bool] = False
 
     def _build(self, model, ref_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
                peft_config, unsupported: dict[str, Any], legacy: dict[str, Any]) -> None:
@@ -91,6 +94,8 @@ class _TRLTrainer(PreferenceTrainer):
             support.disable_dropout(model)
             peft_args.lora_dropout = 0.0
         config = args.preftune_groups(model_args, peft_args)
+        if self._router_loss_when_declared and config.loss.router_aux_loss_coef is None:
+            config.loss.router_aux_loss_coef = support.declared_router_aux_coef(model)
         ref_model, ref_key = self._reference(config, model, given, ref_model, continuing)
         prepared = prepare_run(config, model=model, tokenizer=processing_class,
                                train_raw=records_to_raw(train_dataset, "train_dataset"),
@@ -253,6 +258,7 @@ class DPOTrainer(_TRLTrainer):
     """
 
     _config_class = DPOConfig
+    _router_loss_when_declared = True
 
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,

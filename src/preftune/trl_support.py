@@ -138,6 +138,20 @@ def default_attention(name: str, trust_remote_code: bool) -> str:
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
+def declared_router_aux_coef(model: Any):
+    """TRL 1.16's ``DPOTrainer`` default of ``router_aux_loss_coef`` for ``model``: the (text) config's
+    own coefficient (0.0 when it has none) when the config declares ``output_router_logits``, whatever
+    its value; None (preftune's default: the config decides) for a model without router logits."""
+    from preftune.modeling import unwrap_peft
+
+    config = getattr(unwrap_peft(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if config is None or not hasattr(config, "output_router_logits"):
+        return None
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
 def ready_tokenizer(tokenizer: Any, model_args: ModelArguments, where: str):
     """The given tokenizer (pad token = eos when missing, logged) or the model's, loaded from its path."""
     from preftune.models import load_tokenizer
