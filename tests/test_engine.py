@@ -186,17 +186,22 @@ def test_flex_attention_block_mask_matches_naive(make_tiny_llama, share_prompt):
     torch.testing.assert_close(out.rejected_logps.cpu(), ref_r, atol=1e-4, rtol=0)
 
 
-def test_flash_attention_refuses_shared_prompt_mask(make_tiny_llama):
+def test_flash_attention_inputs_by_layout(make_tiny_llama):
+    """Flash kernels: packed rows get the units' varlen boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``;
+    transformers reads boundaries from ``position_ids`` only at batch size 1); shared-prompt rows, which
+    no varlen call can express, go to the blockwise path on CPU (tests/test_attention_paths.py runs both)."""
     from preftune.engine.attention import attention_inputs
+    from preftune.engine.layout import varlen_boundaries
 
     model = make_tiny_llama()
     model.config._attn_implementation = "flash_attention_2"
     shared = collate_pairs(random_pairs(2, 96), share_prompt=True, padding_free=True)
-    with pytest.raises(ValueError, match="share_prompt false"):
-        attention_inputs(model, shared)
-    packed = collate_pairs(random_pairs(4, 96), share_prompt=False, padding_free=True, max_tokens_per_batch=64)
+    assert hasattr(attention_inputs(model, shared)["attention_mask"], "preftune_layout")
+    packed = collate_pairs(random_pairs(4, 96), share_prompt=False, padding_free=True, max_tokens_per_batch=12)
     kwargs = attention_inputs(model, packed)
-    assert kwargs["attention_mask"] is None and kwargs["position_ids"].shape == packed["input_ids"].shape
+    cu, longest = varlen_boundaries(packed["segment_ids"])
+    assert kwargs["attention_mask"] is None and torch.equal(kwargs["cu_seq_lens_q"], cu)
+    assert torch.equal(kwargs["cu_seq_lens_k"], cu) and kwargs["max_length_q"] == kwargs["max_length_k"] == longest
 
 
 def test_auto_chunk_size_bounds_block_memory():

@@ -1,22 +1,45 @@
 """Attention inputs of a laid-out batch, by attention kernel (see :mod:`preftune.engine.layout`).
 
-With SDPA (the default ``--attn_implementation``) the engine computes attention itself, blockwise
-(:mod:`preftune.engine.block_attention`): the decoder gets a zero-memory placeholder 4-D mask that
-carries the batch's :class:`~preftune.engine.block_attention.BlockLayout`, and transformers'
-``"sdpa"`` attention function is wrapped once so that it hands such calls to
-:func:`~preftune.engine.block_attention.block_attention` (every other call goes to the original
-function unchanged). Nothing of size ``T × T`` is built or kept for the backward.
-``--packed_attention mask`` restores the materialised 4-D mask.
+Which kernel computes a batch's attention is decided in one place, :func:`attention_path`, from the
+model's ``--attn_implementation``, the layout (packed / shared prompt), ``--packed_attention`` and the
+device (:class:`preftune.device.DevicePolicy`; forced with ``configure_engine(model,
+attention_device=...)``):
+
+* ``padding``: the model's own kernel with the 2-D padding mask (unpacked rows: SDPA's flash /
+  memory-efficient backends on a GPU, flash-attn's unpadding, eager's causal mask);
+* ``blockwise`` (the CPU path of sdpa, every batch): preftune's blockwise attention
+  (:mod:`preftune.engine.block_attention`): the decoder gets a zero-memory placeholder 4-D mask that
+  carries the batch's :class:`~preftune.engine.block_attention.BlockLayout`, and transformers'
+  attention function is wrapped once so that it hands such calls to
+  :func:`~preftune.engine.block_attention.block_attention` (every other call goes to the original
+  function unchanged). Nothing of size ``T × T`` is built or kept for the backward;
+* ``flex`` (packed or shared-prompt rows on a GPU with sdpa; shared-prompt rows with a flash kernel):
+  the same placeholder carries a :class:`FlexLayout` and the wrapped function runs
+  ``torch.nn.attention.flex_attention`` (compiled on CUDA) with the layout's ``BlockMask``;
+* ``flex_native`` (``--attn_implementation flex_attention``): the ``BlockMask`` as the mask;
+* ``mask``: the materialised 4-D mask (``--packed_attention mask``: boolean; eager: additive);
+* ``varlen`` (packed rows without a shared prompt, flash kernels): no mask, and the varlen
+  boundaries of the units (:func:`preftune.engine.layout.varlen_boundaries`) as ``cu_seq_lens_q/k``
+  and ``max_length_q/k``, which transformers passes to ``flash_attn_varlen_func``.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 from torch import nn
 
+from preftune.device import DevicePolicy
 from preftune.engine.block_attention import BlockLayout, block_attention, build_block_layout
-from preftune.engine.layout import build_attention_mask, build_block_mask
-from preftune.engine.options import engine_options
+from preftune.engine.layout import attend, build_attention_mask, build_block_mask, varlen_boundaries
+from preftune.engine.options import EngineOptions, engine_options
+
+logger = logging.getLogger("preftune.engine")
+
+PATHS = ("padding", "blockwise", "flex", "flex_native", "mask", "varlen")
 
 
 def _attn_implementation(model: nn.Module) -> str:
@@ -24,12 +47,103 @@ def _attn_implementation(model: nn.Module) -> str:
     return getattr(config, "_attn_implementation", None) or "sdpa"
 
 
-def _placeholder_mask(layout: BlockLayout, device) -> torch.Tensor:
-    """A ``(rows, 1, T, T)`` all-true boolean view of one element (no memory) carrying ``layout``.
+def is_flash(impl: str) -> bool:
+    """A flash-attn kernel (``flash_attention_2/3/4``, a Hub kernel, any registered name with "flash"):
+    the rule of transformers' ``is_flash_attention_requested``."""
+    return "flash" in impl
 
-    transformers passes a 4-D mask to the attention function as is; the wrapped ``"sdpa"`` reads
+
+def attention_path(impl: str, *, packed: bool, shared: bool, options: EngineOptions, policy: DevicePolicy) -> str:
+    """The attention path of one batch (one of :data:`PATHS`, see the module docstring).
+
+    ``impl``: the model's ``_attn_implementation``; ``packed``: the batch needs more than a padding
+    mask (several units per row or a shared prompt); ``shared``: some unit is ``[P C R]`` (its
+    rejected tokens must not see the chosen ones: not a set of causal sequences); ``policy``: the
+    device's policy (its ``is_cuda`` picks maintained kernels on a GPU, the blockwise loop on the CPU).
+    """
+    if is_flash(impl):
+        if not packed:
+            return "padding"
+        if not shared:
+            return "varlen"
+        return "flex" if policy.is_cuda else "blockwise"
+    if impl == "sdpa" and options.packed_attention == "blockwise":
+        if policy.is_cuda:
+            return "flex" if packed else "padding"
+        return "blockwise"  # the CPU: every batch, as measured in docs/performance.md
+    if not packed:
+        return "padding"
+    return "flex_native" if impl == "flex_attention" else "mask"
+
+
+def _policy(model: nn.Module, batch: dict[str, torch.Tensor]) -> DevicePolicy:
+    """The device policy of the batch's device, or of ``attention_device`` when an option forces one
+    (built without asking CUDA anything: only ``is_cuda`` is read)."""
+    forced = engine_options(model).attention_device
+    return DevicePolicy(torch.device(forced) if forced else batch["input_ids"].device)
+
+
+@dataclass
+class FlexLayout:
+    """A batch's rule for FlexAttention: ``segment_ids`` / ``branch_ids`` / ``position_ids`` ``(rows, T)``
+    and one ``BlockMask`` per sliding window (None: none), built at the first layer that asks."""
+
+    segment_ids: torch.Tensor
+    branch_ids: torch.Tensor
+    position_ids: torch.Tensor
+    masks: dict = field(default_factory=dict)
+    calls: int = 0
+
+    def block_mask(self, window: Optional[int]):
+        if window not in self.masks:
+            if window is None:
+                self.masks[window] = build_block_mask(self.segment_ids, self.branch_ids)
+            else:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                seg, br, pos = self.segment_ids, self.branch_ids, self.position_ids
+
+                def mask_mod(b, h, q, k):  # attend(), and only keys less than `window` positions back
+                    return attend(q, k, seg[b, q], seg[b, k], br[b, q], br[b, k]) & (pos[b, q] - pos[b, k] < window)
+
+                rows, t = seg.shape
+                self.masks[window] = create_block_mask(mask_mod, rows, None, t, t, device=seg.device)
+        return self.masks[window]
+
+
+_COMPILED_FLEX = []
+
+
+def _flex_function(device: torch.device):
+    """``flex_attention``, compiled once on CUDA (its fused Triton kernel); eager elsewhere (the
+    reference implementation, forward only on the CPU in torch 2.13: tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
+    return _COMPILED_FLEX[0]
+
+
+def flex_layout_attention(query, key, value, layout: FlexLayout, scaling: Optional[float], window: Optional[int]):
+    """Attention of a laid-out batch by FlexAttention (Dong et al. 2024, "Flex Attention") under the
+    layout's ``BlockMask``: ``query`` ``(rows, Hq, T, D)``, ``key`` / ``value`` ``(rows, Hkv, T, D)``
+    (grouped-query heads: ``enable_gqa``); ``scaling`` default ``D ** -0.5``. Returns ``(rows, T, Hq, D)``."""
+    layout.calls += 1
+    out = _flex_function(query.device)(query, key.to(query.dtype), value.to(query.dtype),
+                                       block_mask=layout.block_mask(window), scale=scaling,
+                                       enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+def _placeholder_mask(layout, device) -> torch.Tensor:
+    """A ``(rows, 1, T, T)`` all-true boolean view of one element (no memory) carrying ``layout``
+    (a :class:`BlockLayout` or a :class:`FlexLayout`).
+
+    transformers passes a 4-D mask to the attention function as is; the wrapped function reads
     ``preftune_layout`` from it. Any other consumer would see "attend everywhere", so the wrapper
-    refuses a placeholder that lost its layout (see :func:`_install_sdpa_wrapper`).
+    refuses a placeholder that lost its layout (see :func:`_install_wrapper`).
     """
     rows, t = layout.segment_ids.shape
     mask = torch.ones((), dtype=torch.bool, device=device).expand(rows, 1, t, t)
@@ -50,21 +164,27 @@ def _blockwise(query, key, value, layout, scaling, window):
     return block_attention(query, key, value, layout, scale=scaling, window=window)
 
 
-def _install_sdpa_wrapper() -> None:
-    """Wrap transformers' ``"sdpa"`` attention function once (idempotent)."""
+def _install_wrapper(impl: str) -> None:
+    """Wrap transformers' attention function ``impl`` once (idempotent): a call whose mask carries a
+    layout goes to the blockwise or the FlexAttention path, every other call to the original.
+
+    The wrapped function raises ``RuntimeError`` for a placeholder mask without its layout (the
+    model copied or sliced it) and ``ValueError`` for attention dropout, softcap, attention sinks
+    or a position bias (not supported by either path).
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    original = ALL_ATTENTION_FUNCTIONS[impl]
     if getattr(original, "_preftune_wrapper", False):
         return
 
-    def sdpa_or_blockwise(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
+    def attention_or_layout(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                            **kwargs):
         layout = getattr(attention_mask, "preftune_layout", None)
         if layout is None:
             if _is_placeholder(attention_mask):
                 raise RuntimeError(
-                    f"{type(module).__name__}: the attention mask reached SDPA without preftune's block layout "
+                    f"{type(module).__name__}: the attention mask reached {impl} without preftune's block layout "
                     "(the model copies or slices its mask); use --packed_attention mask")
             return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             is_causal=is_causal, **kwargs)
@@ -75,45 +195,76 @@ def _install_sdpa_wrapper() -> None:
         if bad:
             raise ValueError(f"{type(module).__name__}: attention with {', '.join(bad)} is not supported by "
                              "--packed_attention blockwise; use --packed_attention mask or eager attention")
-        window = kwargs.get("sliding_window")
-        return _blockwise(query, key, value, layout, scaling, window if window else None), None
+        window = kwargs.get("sliding_window") or None
+        if isinstance(layout, FlexLayout):
+            return flex_layout_attention(query, key, value, layout, scaling, window), None
+        return _blockwise(query, key, value, layout, scaling, window), None
 
-    sdpa_or_blockwise._preftune_wrapper = True
-    sdpa_or_blockwise.__wrapped__ = original
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_or_blockwise
+    attention_or_layout._preftune_wrapper = True
+    attention_or_layout.__wrapped__ = original
+    ALL_ATTENTION_FUNCTIONS[impl] = attention_or_layout
 
 
-def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``attention_mask`` / ``position_ids`` for the decoder, by attention kernel.
+def _install_sdpa_wrapper() -> None:
+    """:func:`_install_wrapper` for ``"sdpa"``."""
+    _install_wrapper("sdpa")
 
-    * sdpa, ``--packed_attention blockwise`` (default), any layout: a placeholder mask carrying the
-      batch's block layout (see the module docstring) and the layout's ``position_ids``;
-    * unpacked rows otherwise: the 2-D padding mask (every kernel's fast causal path);
-    * packed, sdpa with ``--packed_attention mask``: boolean 4-D mask; eager: additive 4-D mask;
-    * packed, flex_attention: a ``BlockMask`` (masked blocks skipped);
-    * packed, flash_attention_*: no mask, restarted ``position_ids`` (the kernel's varlen path).
-      Flash kernels cannot express the shared-prompt mask: raises ``ValueError`` for a
-      shared-prompt batch (use ``--share_prompt false`` or sdpa / flex_attention).
+
+def _note_flash_shared(model: nn.Module, impl: str, path: str) -> None:
+    """One log line (once per model) for a shared-prompt batch under a flash kernel."""
+    if getattr(model, "_preftune_flash_shared_noted", False):
+        return
+    kernel = "FlexAttention" if path == "flex" else "preftune's blockwise attention (CPU)"
+    logger.warning("--attn_implementation %s with --share_prompt true: flash kernels cannot keep the rejected "
+                   "tokens of a shared-prompt unit [P C R] from the chosen ones, so shared-prompt batches run in "
+                   "%s instead (--share_prompt false keeps every batch on %s's varlen path)", impl, kernel, impl)
+    model._preftune_flash_shared_noted = True
+
+
+def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The decoder's attention keyword arguments for a laid-out batch, by :func:`attention_path`.
+
+    * ``padding``: ``attention_mask`` the 2-D padding mask ``(rows, T)``;
+    * ``blockwise`` / ``flex``: a placeholder mask carrying the batch's layout and the layout's
+      ``position_ids`` (the attention function ``impl`` is wrapped, :func:`_install_wrapper`);
+    * ``mask``: boolean (sdpa) or additive (eager, in the weights' dtype) 4-D mask, ``position_ids``;
+    * ``flex_native``: a ``BlockMask`` (masked blocks skipped), ``position_ids``;
+    * ``varlen``: ``attention_mask`` None, ``position_ids``, ``cu_seq_lens_q`` / ``cu_seq_lens_k``
+      ``(n+1,)`` int32 and ``max_length_q`` / ``max_length_k`` (int) over the rows read flat
+      (:func:`preftune.engine.layout.varlen_boundaries`). transformers derives boundaries from
+      ``position_ids`` only at batch size 1; with these it runs ``flash_attn_varlen_func`` on every
+      row count.
+
+    A shared-prompt batch under a flash kernel runs in FlexAttention (GPU) or blockwise (CPU), said
+    once in the log (:func:`_note_flash_shared`).
     """
     packed = bool(batch["packed"])
+    shared = packed and bool((batch["branch_ids"] != 0).any())
     impl = _attn_implementation(model)
-    if impl == "sdpa" and engine_options(model).packed_attention == "blockwise":
-        _install_sdpa_wrapper()
-        config = getattr(model, "config", None)
-        heads = getattr(config, "num_attention_heads", None) or 8
-        layout = build_block_layout(batch["segment_ids"], batch["branch_ids"], batch["position_ids"], heads)
-        return {"attention_mask": _placeholder_mask(layout, batch["input_ids"].device),
-                "position_ids": batch["position_ids"]}
-    if not packed:
-        return {"attention_mask": build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=False)}
-    if impl.startswith("flash"):
-        if bool((batch["branch_ids"] != 0).any()):
-            raise ValueError(f"--share_prompt needs an attention kernel that takes a custom mask (sdpa, eager, "
-                             f"flex_attention); {impl} does not. Use --share_prompt false with {impl}.")
-        return {"attention_mask": None, "position_ids": batch["position_ids"]}
-    if impl == "flex_attention":
-        mask = build_block_mask(batch["segment_ids"], batch["branch_ids"])
-    else:
-        dtype = next(model.parameters()).dtype if impl == "eager" else None
-        mask = build_attention_mask(batch["segment_ids"], batch["branch_ids"], packed=True, additive_dtype=dtype)
-    return {"attention_mask": mask, "position_ids": batch["position_ids"]}
+    options = engine_options(model)
+    path = attention_path(impl, packed=packed, shared=shared, options=options, policy=_policy(model, batch))
+    if is_flash(impl) and shared:
+        _note_flash_shared(model, impl, path)
+    seg, br, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
+    if path == "padding":
+        return {"attention_mask": build_attention_mask(seg, br, packed=False)}
+    if path in ("blockwise", "flex"):
+        _install_wrapper(impl)
+        if path == "flex":
+            layout = FlexLayout(seg, br, pos)
+        else:
+            heads = getattr(getattr(model, "config", None), "num_attention_heads", None) or 8
+            layout = build_block_layout(seg, br, pos, heads)
+        return {"attention_mask": _placeholder_mask(layout, batch["input_ids"].device), "position_ids": pos}
+    if path == "varlen":
+        cu_seqlens, max_len = varlen_boundaries(seg)
+        return {"attention_mask": None, "position_ids": pos, "cu_seq_lens_q": cu_seqlens,
+                "cu_seq_lens_k": cu_seqlens, "max_length_q": max_len, "max_length_k": max_len}
+    if path == "flex_native":
+        return {"attention_mask": build_block_mask(seg, br), "position_ids": pos}
+    dtype = next(model.parameters()).dtype if impl == "eager" else None
+    return {"attention_mask": build_attention_mask(seg, br, packed=True, additive_dtype=dtype), "position_ids": pos}
+
+
+__all__ = ["BlockLayout", "FlexLayout", "PATHS", "attention_inputs", "attention_path", "flex_layout_attention",
+           "is_flash"]

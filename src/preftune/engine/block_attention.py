@@ -148,6 +148,13 @@ def _take_heads(x: torch.Tensor, keys) -> torch.Tensor:
     return x[:, :, keys] if isinstance(keys, slice) else x.index_select(2, keys)
 
 
+def _scores(qb: torch.Tensor, kb: torch.Tensor, acc: torch.dtype, scale: float) -> torch.Tensor:
+    """Scaled scores ``S = Q Kᵀ · scale`` (Vaswani et al. 2017, eq. 1) of one block, ``(Hkv, n, W)`` in
+    ``acc`` (float32 for half inputs): the product is accumulated and stored in float32 before the
+    scale, so fp16 ``Q Kᵀ`` beyond 65504 does not overflow to ``inf`` (float32 inputs: unchanged)."""
+    return torch.matmul(qb.to(acc), kb.to(acc).transpose(1, 2)).mul_(scale)
+
+
 def _flash_forward(q, k, v, layout: BlockLayout, scale: float, window):
     fwd, _ = _flash_ops()
     rows, hq, t, d = q.shape
@@ -228,7 +235,7 @@ class _BlockAttention(torch.autograd.Function):
                     n = qe - qs
                     qb = qr[:, :, qs:qe].reshape(hkv, rep * n, d)
                     kb, vb = _take(k[r], keys), _take(v[r], keys)
-                    s = torch.matmul(qb, kb.transpose(1, 2)).to(acc).mul_(scale).view(hkv, rep, n, -1)
+                    s = _scores(qb, kb, acc, scale).view(hkv, rep, n, -1)
                     s.masked_fill_(~_allowed(layout, r, qs, qe, keys, window), -math.inf)
                     m = s.amax(-1, keepdim=True)
                     p = s.sub_(m).exp_()
@@ -266,11 +273,11 @@ class _BlockAttention(torch.autograd.Function):
                     qb = qr[:, :, qs:qe].reshape(hkv, rep * n, d)
                     dob = dor[:, :, qs:qe].reshape(hkv, rep * n, d)
                     kb, vb = _take(k[r], keys), _take(v[r], keys)
-                    s = torch.matmul(qb, kb.transpose(1, 2)).to(acc).mul_(scale).view(hkv, rep, n, -1)
+                    s = _scores(qb, kb, acc, scale).view(hkv, rep, n, -1)
                     s.masked_fill_(~_allowed(layout, r, qs, qe, keys, window), -math.inf)
                     p = s.sub_(lse[r, :, qs:qe].reshape(hkv, rep, n, 1)).exp_().view(hkv, rep * n, -1)
                     dvb = torch.matmul(p.transpose(1, 2).to(dob.dtype), dob)
-                    dp = torch.matmul(dob, vb.transpose(1, 2)).to(acc)
+                    dp = torch.matmul(dob.to(acc), vb.to(acc).transpose(1, 2))
                     ds = p.mul_(dp.sub_(delta[r, :, qs:qe].reshape(hkv, rep * n, 1))).mul_(scale)
                     dsc = ds.to(q.dtype)
                     dq[r, :, qs:qe] = torch.matmul(dsc, kb).view(hkv, rep, n, d).reshape(hq, n, d)

@@ -301,3 +301,25 @@ def make_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
         return attend(q, k, seg[b, q], seg[b, k], br[b, q], br[b, k])
 
     return mask_mod
+
+
+def varlen_boundaries(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The packed rows as independent causal sequences, in the form of flash-attn's varlen kernels.
+
+    ``segment_ids`` ``(rows, T)`` (:func:`collate_pairs`; a layout *without* a shared prompt, where
+    every unit is one causal sequence) is read flat, row after row, as ``rows*T`` tokens: a sequence
+    starts at every row start and wherever the segment id changes, so each unit is one sequence and
+    each row's padding run one more (its outputs are never read). Returns ``(cu_seqlens, max_len)``:
+    ``cu_seqlens`` ``(n+1,)`` int32 on ``segment_ids``' device, the flat start of every sequence and
+    ``rows*T`` last (``cu_seqlens_q/k`` of ``flash_attn_varlen_func``, Dao 2023, "FlashAttention-2");
+    ``max_len``: the longest sequence, tokens (a Python int: one host sync).
+    """
+    rows, t = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    start = torch.ones_like(flat, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1]
+    start[::t] = True  # a row never continues the previous one
+    starts = torch.nonzero(start).squeeze(1)
+    end = torch.tensor([rows * t], device=flat.device, dtype=starts.dtype)
+    cu_seqlens = torch.cat([starts, end]).to(torch.int32)
+    return cu_seqlens, int(cu_seqlens.diff().max())

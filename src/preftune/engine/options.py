@@ -31,8 +31,13 @@ class EngineOptions:
     compile_layers: bool = False
     fused_lm_head: bool = False
     fused_lora: bool = False
+    #: the device whose attention paths the engine takes (None: the batch's device); forcing "cuda"
+    #: on a CPU runs the GPU choice (:func:`preftune.engine.attention.attention_path`) in tests
+    attention_device: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.attention_device not in (None, "cpu") and not str(self.attention_device).startswith("cuda"):
+            raise ValueError(f"attention_device must be None, 'cpu' or 'cuda[:N]', got {self.attention_device!r}")
         if self.packed_attention not in PACKED_ATTENTION:
             raise ValueError(f"--packed_attention must be one of {', '.join(PACKED_ATTENTION)}, "
                              f"got {self.packed_attention!r}")

@@ -256,7 +256,7 @@ class VisionKind(ModelKind):
         if _model_type(base) in MROPE_FAMILIES:
             positions = mrope_position_ids(model, batch)
             if kwargs.get("attention_mask") is None and "position_ids" in kwargs:
-                # flash varlen: the text positions lead, so the model finds the packed sequences
+                # flash varlen (boundaries in cu_seq_lens_q/k): the text positions lead, as the model expects
                 positions = torch.cat([batch["position_ids"][None], positions])
             kwargs["position_ids"] = positions
         hidden = lm(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state
