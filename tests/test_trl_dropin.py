@@ -284,3 +284,31 @@ def test_aux_loss_enabled_follows_trl_moe_default(model_dir, tmp_path):
     off = DPOTrainer(tiny_qwen3_moe(len(tok)), args=dpo_args(tmp_path / "off", router_aux_loss_coef=0.0),
                      train_dataset=data, processing_class=tok)
     assert off.aux_loss_enabled is False
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. several eval sets: one evaluation per set, prefix eval_<name>_ (transformers.Trainer's rule)
+# ------------------------------------------------------------------------------------------------
+def test_several_eval_sets_each_evaluated_with_its_prefix(model_dir, tmp_path):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM
+
+    from preftune.trl import DPOTrainer
+
+    sets = DatasetDict({"data1": Dataset.from_list(standard(4)),
+                        "data2": Dataset.from_list([{"chosen": "The sky is blue.", "rejected": "The sky is red."}] * 2)})
+    args = dpo_args(tmp_path, eval_strategy="steps", eval_steps=1)
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir)  # (a live reference for the new set at the end)
+    trainer = DPOTrainer(model_dir, ref_model, args=args, train_dataset=Dataset.from_list(standard(4)),
+                         eval_dataset=sets)
+    assert "eval data (data1)" in trainer.data_report and "eval data (data2)" in trainer.data_report
+    trainer.train()
+    logged = {key for h in trainer.state.log_history for key in h}
+    for name in ("data1", "data2"):
+        assert {f"eval_{name}_loss", f"eval_{name}_rewards/accuracies"} <= logged
+    assert "eval_loss" not in logged and "eval_rewards/accuracies" not in logged
+    metrics = trainer.evaluate()
+    assert {"eval_data1_loss", "eval_data2_loss", "eval_data2_rewards/margins"} <= set(metrics)
+    assert metrics["eval_data1_loss"] != metrics["eval_data2_loss"]
+    again = trainer.evaluate(eval_dataset={"new": standard(6)[4:]})  # a dict given here: the same rule
+    assert "eval_new_loss" in again and "eval_new_rewards/chosen" in again

@@ -76,7 +76,9 @@ def prepare_run(config: RunConfig, *, model=None, tokenizer=None, train_raw=None
             loaded from ``config.model`` / ``config.peft``; the caller seeds before loading its own.
         tokenizer: the tokenizer (or processor) of a given model; loaded with the model otherwise.
         train_raw, eval_raw: records in memory (:func:`preftune.data.pipeline.records_to_raw`)
-            instead of ``--dataset`` / ``--eval_file``.
+            instead of ``--dataset`` / ``--eval_file``; ``eval_raw`` may be a dict of several eval sets
+            (name → records), each tokenised as the training data (``data.eval`` is then that dict of
+            pair lists: the Trainer evaluates each with the prefix ``eval_<name>_``).
         ref_model: a frozen reference model given by the caller; ``ref_key``: its reference-cache key
             (default :func:`model_identity`).
         continuing: the model's adapter trains on from a starting state that is the reference
@@ -110,16 +112,40 @@ def prepare_run(config: RunConfig, *, model=None, tokenizer=None, train_raw=None
 
         prepare_for_gradient_checkpointing(model)
     with training.main_process_first(desc="loading the data"):  # Hub datasets downloaded once
-        data = build_datasets(config.data, tokenizer, seed=training.seed, train_raw=train_raw, eval_raw=eval_raw,
-                              **kind.tokenize_options(model))
+        sets = eval_raw if isinstance(eval_raw, dict) else None
+        data = build_datasets(config.data, tokenizer, seed=training.seed, train_raw=train_raw,
+                              eval_raw=None if sets is not None else eval_raw, **kind.tokenize_options(model))
     check_preference_signal(data.train, config.loss.loss)  # every pair identical: DataError; some: a warning
     data = kind.prepare_data(data)
+    if sets is not None:
+        data.eval, lines = tokenize_eval_sets(config, model, tokenizer, sets)
+        data.report = "\n".join([data.report, *lines])
     if config.loss.needs_reference:
         place_on_device(model, training, policy)
     ref_ctx, live_ref = attach_reference(config, model, data, ref_model=ref_model, model_key=ref_key,
                                          continuing=continuing)
     # (before the trainer: config_to_yaml builds a TrainingArguments, which resets accelerate's state)
     return PreparedRun(config, model, tokenizer, data, ref_ctx, live_ref, config_to_yaml(config))
+
+
+def tokenize_eval_sets(config: RunConfig, model, tokenizer, sets: dict) -> tuple[dict, list[str]]:
+    """Eval sets given as records (name → :class:`~preftune.data.loading.RawData`), each tokenised and
+    prepared as the training data: ``({name: pairs}, report lines)`` (lines ``eval data (<name>): ...``).
+    Raises :class:`DataError` as the data pipeline does (every pair of a set dropped included)."""
+    import dataclasses
+
+    from preftune.data import build_datasets
+    from preftune.engine.kinds import kind_for
+
+    kind = kind_for(model)
+    data_args = dataclasses.replace(config.data, eval_file=None, eval_ratio=0.0)
+    out, lines = {}, []
+    for name, raw in sets.items():
+        data = kind.prepare_data(build_datasets(data_args, tokenizer, seed=config.training.seed, train_raw=raw,
+                                                **kind.tokenize_options(model)))
+        out[name] = data.train
+        lines += [line.replace("data: ", f"eval data ({name}): ", 1) for line in data.report.splitlines()]
+    return out, lines
 
 
 def _load(config: RunConfig):
@@ -170,7 +196,10 @@ def attach_reference(config: RunConfig, model, data, *, ref_model=None, model_ke
             or training.per_device_eval_batch_size
         with mixed_precision(reference, training):  # same numerics as the training forward
             key = model_key or model_identity(config.model, config.peft, amp_name(training))
-            attach_reference_logps(reference, data.train + (data.eval or []), model_key=key,
+            evaluation = data.eval or []
+            if isinstance(evaluation, dict):  # several eval sets
+                evaluation = [pair for pairs in evaluation.values() for pair in pairs]
+            attach_reference_logps(reference, data.train + evaluation, model_key=key,
                                    reference_context=None if continuing or ref_model is not None else ref_ctx,
                                    batch_size=batch_size, chunk_size=config.engine.logprob_chunk_size)
         return ref_ctx, ref_model  # a given ref_model is kept (as TRL keeps it): it scores new eval data

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Optional
 
 from preftune import trl_support as support
 from preftune.config import ConfigError, PeftArguments, RunConfig
+from preftune.distributed import reduce_stored_metrics
 from preftune.modeling import is_peft_model
 from preftune.run_setup import amp_name, prepare_run
 from preftune.trainer import PairDataset, PreferenceTrainer
@@ -97,11 +98,17 @@ class _TRLTrainer(PreferenceTrainer):
         if self._router_loss_when_declared and config.loss.router_aux_loss_coef is None:
             config.loss.router_aux_loss_coef = support.declared_router_aux_coef(model)
         ref_model, ref_key = self._reference(config, model, given, ref_model, continuing)
+        if isinstance(eval_dataset, dict):  # several eval sets (a dict or a DatasetDict): one evaluation each
+            eval_raw = {name: records_to_raw(records, f"eval_dataset[{name!r}]") for name, records in eval_dataset.items()}
+        else:
+            eval_raw = None if eval_dataset is None else records_to_raw(eval_dataset, "eval_dataset")
         prepared = prepare_run(config, model=model, tokenizer=processing_class,
-                               train_raw=records_to_raw(train_dataset, "train_dataset"),
-                               eval_raw=None if eval_dataset is None else records_to_raw(eval_dataset, "eval_dataset"),
+                               train_raw=records_to_raw(train_dataset, "train_dataset"), eval_raw=eval_raw,
                                ref_model=ref_model, ref_key=ref_key, continuing=continuing)
-        super().__init__(**prepared.trainer_kwargs(), callbacks=callbacks, optimizers=optimizers)
+        kwargs = prepared.trainer_kwargs()
+        if isinstance(kwargs["eval_dataset"], dict):
+            kwargs["eval_dataset"] = {name: PairDataset(pairs) for name, pairs in kwargs["eval_dataset"].items()}
+        super().__init__(**kwargs, callbacks=callbacks, optimizers=optimizers)
         self.run_config_yaml = prepared.config_yaml  # written into every checkpoint, as preftune train does
         self.preftune_groups = config
         self.data_report = prepared.data.report
@@ -177,14 +184,31 @@ class _TRLTrainer(PreferenceTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """``Trainer.evaluate``; an ``eval_dataset`` given here (a ``datasets.Dataset`` or a list of dicts in
         any supported format) is tokenised like the training data first. Its reference log-probs (DPO)
-        come from the live reference: adapters-off for a fresh LoRA, or the ``ref_model``.
+        come from the live reference: adapters-off for a fresh LoRA, or the ``ref_model``. Several eval
+        sets (a dict or ``DatasetDict``, here or at construction): one evaluation per set, its metrics
+        prefixed ``eval_<name>_``, as ``transformers.Trainer`` does.
 
         Raises :class:`ConfigError` when that dataset needs reference log-probs and there is no live
         reference (full fine-tuning or a passed ``PeftModel`` with precomputed ones): give it at construction.
         """
-        if eval_dataset is not None and not isinstance(eval_dataset, PairDataset):
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: records if isinstance(records, PairDataset) else
+                            PairDataset(self._tokenize(records, f"eval_dataset[{name!r}]"))
+                            for name, records in eval_dataset.items()}
+        elif eval_dataset is not None and not isinstance(eval_dataset, (PairDataset, str)):  # str: a set's name
             eval_dataset = PairDataset(self._tokenize(eval_dataset, "eval_dataset"))
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """:meth:`PreferenceTrainer.log`; the metrics of an evaluation under another prefix than ``eval``
+        (one of several eval sets: ``eval_<name>``) take that prefix too, so that the sets' metrics do not
+        mix (``eval_<name>_rewards/accuracies``)."""
+        prefix = next((key[:-len("runtime")] for key in logs if key.startswith("eval_") and key.endswith("_runtime")),
+                      "eval_")
+        if prefix != "eval_":
+            means, _ = reduce_stored_metrics(self._stored_metrics.pop("eval", {}))
+            logs.update({prefix + key: value for key, value in means.items()})
+        super().log(logs, start_time)
 
     def _tokenize(self, records, source: str):
         from preftune.data import build_datasets
