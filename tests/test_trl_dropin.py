@@ -312,3 +312,29 @@ def test_several_eval_sets_each_evaluated_with_its_prefix(model_dir, tmp_path):
     assert metrics["eval_data1_loss"] != metrics["eval_data2_loss"]
     again = trainer.evaluate(eval_dataset={"new": standard(6)[4:]})  # a dict given here: the same rule
     assert "eval_new_loss" in again and "eval_new_rewards/chosen" in again
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. TRL's exception types where a user's `except` depends on them
+# ------------------------------------------------------------------------------------------------
+def test_custom_code_without_trust_remote_code_is_a_value_error(model_dir, tmp_path, capsys):
+    import shutil
+
+    from datasets import Dataset
+
+    from preftune.cli import main
+    from preftune.errors import ModelLoadError
+    from preftune.trl import DPOTrainer
+
+    remote = tmp_path / "remote-code"
+    shutil.copytree(model_dir, remote)
+    (remote / "config.json").write_text(json.dumps({
+        "model_type": "preftune_remote_test", "auto_map": {"AutoConfig": "configuration_remote.RemoteConfig",
+                                                           "AutoModelForCausalLM": "modeling_remote.RemoteModel"}}))
+    with pytest.raises(ValueError, match="trust_remote_code") as caught:  # TRL's type (transformers raises it)
+        DPOTrainer(str(remote), args=dpo_args(tmp_path), train_dataset=Dataset.from_list(standard(4)))
+    assert isinstance(caught.value, ModelLoadError) and isinstance(caught.value, RuntimeError)
+    # the CLI's output is unchanged: one line, exit status 2
+    assert main(["train", "--model_name_or_path", str(remote), "--output_dir", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("preftune train: error: ") and "trust_remote_code" in err[-1]

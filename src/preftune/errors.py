@@ -24,8 +24,12 @@ class DataError(ValueError):
     """
 
 
-class ModelLoadError(RuntimeError):
-    """A model, tokenizer or cache entry cannot be loaded; the message says why and what to do."""
+class ModelLoadError(RuntimeError, ValueError):
+    """A model, tokenizer or cache entry cannot be loaded; the message says why and what to do.
+
+    Also a :class:`ValueError`: where TRL (through transformers) raises ``ValueError`` for the same cause
+    (custom code without ``trust_remote_code``, an unknown model type, an attention kernel the model does
+    not support), a TRL script's ``except ValueError`` must still catch preftune's error."""
 
 
 class UnsupportedModelError(ModelLoadError):
