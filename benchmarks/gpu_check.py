@@ -131,8 +131,12 @@ def probe_env(out: str) -> None:
         free, total = torch.cuda.mem_get_info(0)
         info.update(device_count=torch.cuda.device_count(), gpu=props.name, gpu_memory_gb=round(total / 2**30, 1),
                     gpu_free_gb=round(free / 2**30, 1), capability=f"{props.major}.{props.minor}",
-                    bf16=torch.cuda.is_bf16_supported(), nccl=torch.distributed.is_nccl_available(),
-                    nccl_version=".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None)
+                    bf16=torch.cuda.is_bf16_supported(), nccl=torch.distributed.is_nccl_available())
+        try:
+            v = torch.cuda.nccl.version()
+            info["nccl_version"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception as exc:  # noqa: BLE001 - reported
+            info["nccl_version"] = f"unknown ({type(exc).__name__})"
         import gpu_shapes
 
         info["peak_bf16_tflops"] = (gpu_shapes.peak_flops(props.name) or 0) / 1e12 or None

@@ -42,10 +42,15 @@ import torch  # noqa: E402
 
 
 def _training_kwargs(spec: dict, out_dir: str) -> dict:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
     kw = dict(output_dir=out_dir, per_device_train_batch_size=spec["batch"], max_steps=spec["warmup"] + spec["steps"],
               learning_rate=1e-6, logging_steps=1000, save_strategy="no", report_to="none", seed=0,
-              train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
-              max_length=spec["length"], use_cpu=spec["device"] == "cpu")
+              dataloader_num_workers=0, disable_tqdm=True, max_length=spec["length"], use_cpu=spec["device"] == "cpu")
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:  # not in every 5.x
+        kw["train_sampling_strategy"] = "sequential"
     if spec.get("bf16") is not None:
         kw["bf16"] = spec["bf16"]
     return kw
@@ -92,8 +97,8 @@ def run(spec: dict) -> dict:
     n_pairs = spec["batch"] * (spec["warmup"] + spec["steps"])
     records = gpu_shapes.synthetic_records(n_pairs, spec["length"])
     t0 = time.perf_counter()
-    # built on the CPU (the trainers move it, as they do a from_pretrained model)
-    model = gpu_shapes.make_model(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+    # initialised on the device (a 1B model's random init takes seconds on the host); the trainers keep it there
+    model = gpu_shapes.make_model(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=spec["device"])
     with tempfile.TemporaryDirectory(prefix="gpu-tput-") as out_dir:
         trainer = build(spec, out_dir, model, tok, records)
         setup_s = time.perf_counter() - t0
