@@ -141,6 +141,8 @@ def flash_model(make_tiny_llama):
     ("sdpa", False, False, "mask", CPU, "padding"),
     ("eager", True, False, "blockwise", CPU, "mask"),
     ("flex_attention", True, True, "blockwise", CUDA, "flex_native"),
+    ("flex_attention", True, True, "blockwise", CPU, "blockwise"),  # no FlexAttention backward on the CPU
+    ("flex_attention", False, False, "blockwise", CPU, "blockwise"),
     ("flash_attention_2", False, False, "blockwise", CUDA, "padding"),
     ("flash_attention_2", True, False, "blockwise", CUDA, "varlen"),
     ("flash_attention_2", True, True, "blockwise", CUDA, "flex"),
@@ -232,6 +234,19 @@ def test_flash_with_shared_prompt_falls_back_and_says_so_once(make_tiny_llama, r
     lines = [r for r in caplog.records if "share_prompt" in r.getMessage()]
     assert len(lines) == 1 and "blockwise" in lines[0].getMessage() and REFERENCE in lines[0].getMessage()
     assert reference_flash == []  # the flash kernel never saw the shared-prompt rows
+
+
+@pytest.mark.parametrize("share_prompt,padding_free", [(True, True), (False, False)])
+def test_flex_attention_on_cpu_trains_in_blockwise_and_says_so(make_tiny_llama, share_prompt, padding_free, caplog):
+    """``--attn_implementation flex_attention`` on the CPU ended at the first backward (FlexAttention has
+    no CPU backward in torch 2.13); it now runs in the blockwise kernel, said once in the log."""
+    pairs = random_pairs(4, seed=5)
+    ref = naive_reference(make_tiny_llama, pairs)
+    model = make_tiny_llama(tie=True, attn="flex_attention")
+    batch = collate_pairs(pairs, share_prompt=share_prompt, padding_free=padding_free, max_tokens_per_batch=24)
+    with caplog.at_level(logging.WARNING, logger="preftune.engine"):
+        check(model, batch, ref)
+    assert sum("flex_attention on the CPU" in r.getMessage() for r in caplog.records) == 1
 
 
 def _flex_or_skip():

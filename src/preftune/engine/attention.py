@@ -16,7 +16,8 @@ attention_device=...)``):
 * ``flex`` (packed or shared-prompt rows on a GPU with sdpa; shared-prompt rows with a flash kernel):
   the same placeholder carries a :class:`FlexLayout` and the wrapped function runs
   ``torch.nn.attention.flex_attention`` (compiled on CUDA) with the layout's ``BlockMask``;
-* ``flex_native`` (``--attn_implementation flex_attention``): the ``BlockMask`` as the mask;
+* ``flex_native`` (``--attn_implementation flex_attention`` on a GPU): the ``BlockMask`` as the mask
+  (on the CPU, where FlexAttention has no backward in torch 2.13, ``blockwise`` instead);
 * ``mask``: the materialised 4-D mask (``--packed_attention mask``: boolean; eager: additive);
 * ``varlen`` (packed rows without a shared prompt, flash kernels): no mask, and the varlen
   boundaries of the units (:func:`preftune.engine.layout.varlen_boundaries`) as ``cu_seq_lens_q/k``
@@ -34,7 +35,7 @@ from torch import nn
 
 from preftune.device import DevicePolicy
 from preftune.engine.block_attention import BlockLayout, block_attention, build_block_layout
-from preftune.engine.layout import attend, build_attention_mask, build_block_mask, varlen_boundaries
+from preftune.engine.layout import build_attention_mask, build_block_mask, make_mask_mod, varlen_boundaries
 from preftune.engine.options import EngineOptions, engine_options
 
 logger = logging.getLogger("preftune.engine")
@@ -71,6 +72,8 @@ def attention_path(impl: str, *, packed: bool, shared: bool, options: EngineOpti
         if policy.is_cuda:
             return "flex" if packed else "padding"
         return "blockwise"  # the CPU: every batch, as measured in docs/performance.md
+    if impl == "flex_attention" and not policy.is_cuda:
+        return "blockwise"  # FlexAttention has no CPU backward (torch 2.13): the CPU's kernel instead
     if not packed:
         return "padding"
     return "flex_native" if impl == "flex_attention" else "mask"
@@ -95,19 +98,21 @@ class FlexLayout:
     calls: int = 0
 
     def block_mask(self, window: Optional[int]):
+        """The ``BlockMask`` of :func:`preftune.engine.layout.attend` (and, with a sliding ``window``,
+        only keys less than ``window`` positions back), built by ``create_block_mask`` (compiled on
+        CUDA: no ``T × T`` tensor) once per window."""
         if window not in self.masks:
-            if window is None:
-                self.masks[window] = build_block_mask(self.segment_ids, self.branch_ids)
-            else:
-                from torch.nn.attention.flex_attention import create_block_mask
+            from torch.nn.attention.flex_attention import create_block_mask
 
-                seg, br, pos = self.segment_ids, self.branch_ids, self.position_ids
+            seg, br, pos = self.segment_ids, self.branch_ids, self.position_ids
+            rule = make_mask_mod(seg, br)
 
-                def mask_mod(b, h, q, k):  # attend(), and only keys less than `window` positions back
-                    return attend(q, k, seg[b, q], seg[b, k], br[b, q], br[b, k]) & (pos[b, q] - pos[b, k] < window)
+            def mask_mod(b, h, q, k):
+                return rule(b, h, q, k) & (pos[b, q] - pos[b, k] < window)
 
-                rows, t = seg.shape
-                self.masks[window] = create_block_mask(mask_mod, rows, None, t, t, device=seg.device)
+            rows, t = seg.shape
+            self.masks[window] = create_block_mask(rule if window is None else mask_mod, rows, None, t, t,
+                                                   device=seg.device, _compile=seg.device.type == "cuda")
         return self.masks[window]
 
 
@@ -210,15 +215,21 @@ def _install_sdpa_wrapper() -> None:
     _install_wrapper("sdpa")
 
 
-def _note_flash_shared(model: nn.Module, impl: str, path: str) -> None:
-    """One log line (once per model) for a shared-prompt batch under a flash kernel."""
-    if getattr(model, "_preftune_flash_shared_noted", False):
+def _note_once(model: nn.Module, impl: str, path: str) -> None:
+    """One log line (once per model) where the kernel asked for is not the one that runs: a shared-prompt
+    batch under a flash kernel, or ``flex_attention`` on the CPU."""
+    if getattr(model, "_preftune_attention_noted", False):
         return
     kernel = "FlexAttention" if path == "flex" else "preftune's blockwise attention (CPU)"
-    logger.warning("--attn_implementation %s with --share_prompt true: flash kernels cannot keep the rejected "
-                   "tokens of a shared-prompt unit [P C R] from the chosen ones, so shared-prompt batches run in "
-                   "%s instead (--share_prompt false keeps every batch on %s's varlen path)", impl, kernel, impl)
-    model._preftune_flash_shared_noted = True
+    if is_flash(impl):
+        logger.warning("--attn_implementation %s with --share_prompt true: flash kernels cannot keep the rejected "
+                       "tokens of a shared-prompt unit [P C R] from the chosen ones, so shared-prompt batches run "
+                       "in %s instead (--share_prompt false keeps every batch on %s's varlen path)", impl, kernel,
+                       impl)
+    else:
+        logger.warning("--attn_implementation %s on the CPU: attention runs in %s (FlexAttention has no CPU "
+                       "backward in torch %s)", impl, kernel, torch.__version__.split("+")[0])
+    model._preftune_attention_noted = True
 
 
 def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, object]:
@@ -235,16 +246,16 @@ def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[s
       ``position_ids`` only at batch size 1; with these it runs ``flash_attn_varlen_func`` on every
       row count.
 
-    A shared-prompt batch under a flash kernel runs in FlexAttention (GPU) or blockwise (CPU), said
-    once in the log (:func:`_note_flash_shared`).
+    A shared-prompt batch under a flash kernel runs in FlexAttention (GPU) or blockwise (CPU), and
+    ``flex_attention`` on the CPU in blockwise: said once in the log (:func:`_note_once`).
     """
     packed = bool(batch["packed"])
     shared = packed and bool((batch["branch_ids"] != 0).any())
     impl = _attn_implementation(model)
     options = engine_options(model)
     path = attention_path(impl, packed=packed, shared=shared, options=options, policy=_policy(model, batch))
-    if is_flash(impl) and shared:
-        _note_flash_shared(model, impl, path)
+    if (is_flash(impl) and shared) or (impl == "flex_attention" and path == "blockwise"):
+        _note_once(model, impl, path)
     seg, br, pos = batch["segment_ids"], batch["branch_ids"], batch["position_ids"]
     if path == "padding":
         return {"attention_mask": build_attention_mask(seg, br, packed=False)}
@@ -252,6 +263,7 @@ def attention_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[s
         _install_wrapper(impl)
         if path == "flex":
             layout = FlexLayout(seg, br, pos)
+            layout.block_mask(None)  # here, before the decoder (outside --compile_layers' graphs)
         else:
             heads = getattr(getattr(model, "config", None), "num_attention_heads", None) or 8
             layout = build_block_layout(seg, br, pos, heads)
