@@ -334,3 +334,33 @@ def test_gpu_flash_attention_2_packed_rows_match_naive(make_tiny_llama):
         out = sequence_logps(model, {k: v.cuda() for k, v in batch.items()})
     torch.testing.assert_close(out.chosen_logps.float().cpu(), ref_c, atol=0.1, rtol=0.02)
     torch.testing.assert_close(out.rejected_logps.float().cpu(), ref_r, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_flash_varlen_path_on_image_pairs(family, reference_flash, tmp_path):
+    """The vision kind's language model gets the same varlen boundaries (Qwen2-VL: with M-RoPE positions)."""
+    import vlm_tiny as V
+
+    from preftune.config import DataArguments
+    from preftune.data.vision import tokenize_image_records
+    from preftune.engine.kinds.vision import KIND as VISION
+    from preftune.engine.lm_head import get_decoder_and_head
+
+    paths = V.write_images(tmp_path, 3)
+    recs = [{"prompt": "Describe the picture:", "chosen": " red squares", "rejected": " a blue sky", "images": [p]}
+            for p in paths] + [{"prompt": "hi", "chosen": " hello", "rejected": " go away now"}]
+    model, processor = V.tiny_vlm(family)
+    pairs, _ = tokenize_image_records(recs, processor, DataArguments(max_length=512, max_prompt_length=64),
+                                      source="test.jsonl")
+    longest = max(len(p.prompt_ids) + len(p.chosen_ids) for p in pairs)
+    batch = VISION.collate(pairs, share_prompt=False, padding_free=True, max_tokens_per_batch=2 * longest,
+                           pad_token_id=0)
+    assert batch["input_ids"].shape[0] > 1 and int(batch["segment_ids"].max()) >= 1
+    with torch.no_grad():
+        want = sequence_logps(model, batch)  # sdpa, blockwise: the naive numbers (tests/test_vision.py)
+        get_decoder_and_head(model)[0].config._attn_implementation = REFERENCE
+        got = sequence_logps(model, batch)
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.rejected_logps, want.rejected_logps, atol=1e-4, rtol=0)
+    assert reference_flash and all(set(call) == set(VARLEN_KEYS) for call in reference_flash)

@@ -112,11 +112,16 @@ class FlexLayout:
 
             rows, t = seg.shape
             self.masks[window] = create_block_mask(rule if window is None else mask_mod, rows, None, t, t,
-                                                   device=seg.device, _compile=seg.device.type == "cuda")
+                                                   device=seg.device, _compile=_compiled(seg.device))
         return self.masks[window]
 
 
 _COMPILED_FLEX = []
+
+
+def _compiled(device: torch.device) -> bool:
+    """FlexAttention and its ``BlockMask`` are compiled (Triton) on CUDA tensors, eager elsewhere."""
+    return DevicePolicy(torch.device(device)).is_cuda
 
 
 def _flex_function(device: torch.device):
@@ -124,7 +129,7 @@ def _flex_function(device: torch.device):
     reference implementation, forward only on the CPU in torch 2.13: tests)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":
+    if not _compiled(device):
         return flex_attention
     if not _COMPILED_FLEX:
         _COMPILED_FLEX.append(torch.compile(flex_attention))

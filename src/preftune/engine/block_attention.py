@@ -17,12 +17,14 @@ Alg. 2) in plain PyTorch, one block of ``block_q`` queries at a time:
 * backward, per block: ``P = exp(S − L)`` recomputed, ``dV += Pᵀ dO``, ``dP = dO Vᵀ``,
   ``dS = P ⊙ (dP − rowsum(dO ⊙ O))``, ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``.
 
-On CPU each block runs in PyTorch's fused flash-attention kernel for CPU
+This is the CPU's path (:func:`preftune.engine.attention.attention_path`; a GPU runs SDPA or
+FlexAttention). On CPU each block runs in PyTorch's fused flash-attention kernel for CPU
 (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward, which return and take
 the log-sum-exp), with an additive mask of that block only (at most 2^22 entries, built from the
 ids and freed after the call); elsewhere, or when the op is missing, the algorithm above runs in
-plain PyTorch. Measured here, forward + backward of one SmolLM2 layer's attention, 2 rows × 1024
-(2048) tokens of the shared-prompt layout, CPU seconds: 0.65 (1.89) with the fused kernel per
+plain PyTorch, with the scores accumulated and stored in float32 for half-precision inputs
+(fp16 ``Q Kᵀ`` overflows past 65504 before the scale). Measured here, forward + backward of one
+SmolLM2 layer's attention, 2 rows × 1024 (2048) tokens of the shared-prompt layout, CPU seconds: 0.65 (1.89) with the fused kernel per
 block, 0.91 (2.25) in plain PyTorch, 0.71 (2.84) for SDPA with the full 4-D mask.
 
 Saved for the backward: ``Q``, ``K``, ``V`` (grouped-query heads *not* repeated), ``O`` (the very
