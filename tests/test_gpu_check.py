@@ -1,6 +1,6 @@
 """``scripts/gpu_check.sh --cpu-dry-run``: the GPU check's every step rehearsed on the CPU (tiny shapes).
 
-The script runs once per module (about 2.5 minutes on 2 cores) into a temporary directory; the tests
+The script runs once per module (80-140 s on 2 shared cores) into a temporary directory; the tests
 read its ``summary.json``: every step present, the CPU-runnable ones passed with sane numbers, the
 CUDA-only ones skipped with a reason.
 """
@@ -47,7 +47,7 @@ def test_every_step_reported_and_none_failed(dry_run):
             assert step["reason"]
     assert "GPU check (cpu-dry-run)" in proc.stdout  # the table
     assert (out / "logs").is_dir()
-    assert summary["total_s"] < 240  # the dry run's budget is 170 s (plus the step in flight)
+    assert summary["total_s"] < 300  # the dry run's budget is 240 s (plus the step in flight)
 
 
 def test_environment(dry_run):
