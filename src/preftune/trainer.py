@@ -280,7 +280,9 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         ``all_gather_object`` under several processes, on every rank) and ``logical_tokens_seen``
         (summed over the ranks), then the Trainer's log (printed and reported by the main process)."""
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
+        # an evaluation's prefix from its runtime key: "eval_" or, for one of several eval sets, "eval_<name>_"
+        prefix = next((k[:-len("runtime")] for k in logs if k.startswith("eval_") and k.endswith("_runtime")),
+                      "eval_") if split == "eval" else ""
         means, sums = reduce_stored_metrics(self._stored_metrics.get(split, {}),
                                             {"logical_tokens_seen": self.logical_tokens_seen})
         for key, value in means.items():

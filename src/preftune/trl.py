@@ -26,7 +26,6 @@ from typing import Any, ClassVar, Optional
 
 from preftune import trl_support as support
 from preftune.config import ConfigError, PeftArguments, RunConfig
-from preftune.distributed import reduce_stored_metrics
 from preftune.modeling import is_peft_model
 from preftune.run_setup import amp_name, prepare_run
 from preftune.trainer import PairDataset, PreferenceTrainer
@@ -198,17 +197,6 @@ class _TRLTrainer(PreferenceTrainer):
         elif eval_dataset is not None and not isinstance(eval_dataset, (PairDataset, str)):  # str: a set's name
             eval_dataset = PairDataset(self._tokenize(eval_dataset, "eval_dataset"))
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-
-    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        """:meth:`PreferenceTrainer.log`; the metrics of an evaluation under another prefix than ``eval``
-        (one of several eval sets: ``eval_<name>``) take that prefix too, so that the sets' metrics do not
-        mix (``eval_<name>_rewards/accuracies``)."""
-        prefix = next((key[:-len("runtime")] for key in logs if key.startswith("eval_") and key.endswith("_runtime")),
-                      "eval_")
-        if prefix != "eval_":
-            means, _ = reduce_stored_metrics(self._stored_metrics.pop("eval", {}))
-            logs.update({prefix + key: value for key, value in means.items()})
-        super().log(logs, start_time)
 
     def _tokenize(self, records, source: str):
         from preftune.data import build_datasets
