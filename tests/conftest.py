@@ -40,16 +40,46 @@ def byte_tokenizer():
                                    eos_token="</s>")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A directory with a tiny random Llama and a byte tokenizer, loadable by --model_name_or_path."""
-    path = tmp_path_factory.mktemp("tiny-llama")
+def save_tiny_model(path, layers: int = 2) -> str:
+    """A tiny random Llama (``layers`` layers, 2048 positions) and a byte tokenizer saved in ``path``."""
     tok = byte_tokenizer()
-    model = tiny_llama(vocab_size=len(tok), layers=2)
+    model = tiny_llama(vocab_size=len(tok), layers=layers)
     model.config.max_position_embeddings = 2048
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def random_pairs(n, vocab=96, seed=0, max_len=9):
+    """``n`` random :class:`TokenizedPair` (token ids 3..vocab-1, 1..max_len tokens per part)."""
+    import random
+
+    from preftune.types import TokenizedPair
+
+    rng = random.Random(seed)
+
+    def seq(lo):
+        return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, max_len))]
+
+    return [TokenizedPair(seq(1), seq(1), seq(1)) for _ in range(n)]
+
+
+def naive_logps(model, pairs):
+    """Each sequence alone, unpadded, full logits, log_softmax, summed over its completion."""
+    out_c, out_r = [], []
+    for p in pairs:
+        for comp, out in ((p.chosen_ids, out_c), (p.rejected_ids, out_r)):
+            ids = torch.tensor([p.prompt_ids + comp])
+            logits = model(input_ids=ids).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            out.append(logp[len(p.prompt_ids) - 1:].sum())
+    return torch.stack(out_c), torch.stack(out_r)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory with a tiny random Llama and a byte tokenizer, loadable by --model_name_or_path."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=2)
 
 
 @pytest.fixture(autouse=True, scope="session")

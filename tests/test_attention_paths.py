@@ -9,10 +9,10 @@ attention per segment in plain torch, so a wrong boundary changes the numbers.
 """
 
 import logging
-import random
 
 import pytest
 import torch
+from conftest import naive_logps, random_pairs
 
 from preftune.device import DevicePolicy
 from preftune.engine import attention as attention_module
@@ -29,25 +29,6 @@ LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]  # (share
 CPU, CUDA = DevicePolicy(torch.device("cpu")), DevicePolicy(torch.device("cuda"))
 
 
-def random_pairs(n, vocab=96, seed=0, max_len=9):
-    rng = random.Random(seed)
-
-    def seq(lo):
-        return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, max_len))]
-
-    return [TokenizedPair(seq(1), seq(1), seq(1)) for _ in range(n)]
-
-
-def naive_logps(model, pairs):
-    """Each sequence alone, unpadded, full logits, log_softmax, summed over its completion."""
-    out_c, out_r = [], []
-    for p in pairs:
-        for comp, out in ((p.chosen_ids, out_c), (p.rejected_ids, out_r)):
-            ids = torch.tensor([p.prompt_ids + comp])
-            logits = model(input_ids=ids).logits[0].float()
-            logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-            out.append(logp[len(p.prompt_ids) - 1:].sum())
-    return torch.stack(out_c), torch.stack(out_r)
 
 
 def naive_reference(make_tiny_llama, pairs, grads=True):

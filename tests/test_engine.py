@@ -1,9 +1,9 @@
 """The engine's layouts give the same per-sequence log-probs and gradients as a naive full-logits path."""
 
-import random
 
 import pytest
 import torch
+from conftest import naive_logps, random_pairs
 
 from preftune.engine.layout import build_attention_mask, collate_pairs
 from preftune.engine.lm_head import token_logps
@@ -13,25 +13,6 @@ from preftune.types import TokenizedPair
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
 
 
-def random_pairs(n, vocab, seed=0, max_len=9):
-    rng = random.Random(seed)
-
-    def seq(lo):
-        return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, max_len))]
-
-    return [TokenizedPair(seq(1), seq(1), seq(1)) for _ in range(n)]
-
-
-def naive_logps(model, pairs):
-    """Each sequence alone, unpadded, full logits, log_softmax, summed over its completion."""
-    out_c, out_r = [], []
-    for p in pairs:
-        for comp, out in ((p.chosen_ids, out_c), (p.rejected_ids, out_r)):
-            ids = torch.tensor([p.prompt_ids + comp])
-            logits = model(input_ids=ids).logits[0].float()
-            logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-            out.append(logp[len(p.prompt_ids) - 1:].sum())
-    return torch.stack(out_c), torch.stack(out_r)
 
 
 @pytest.mark.parametrize("share_prompt,padding_free", LAYOUTS)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import byte_tokenizer, tiny_llama
+from conftest import byte_tokenizer, save_tiny_model
 
 from preftune.config import DataArguments
 from preftune.data import load_raw, normalise
@@ -23,13 +23,7 @@ ASSISTANT = "\n\nAssistant:"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random one-layer Llama + byte tokenizer, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("tiny-dropin")
-    tok = byte_tokenizer()
-    model = tiny_llama(vocab_size=len(tok), layers=1)
-    model.config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-dropin"), layers=1)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> str:
