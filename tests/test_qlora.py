@@ -166,3 +166,22 @@ def test_cpu_weight_packing_kept_off_where_it_breaks(model_dir):
     assert limit_cpu_weight_packing(model, training=False) == 1 and not narrow.support_avx512bf16_for_cpu
     assert limit_cpu_weight_packing(model, training=True) == len(layers) - 1
     assert not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_qlora_with_weight_sharding_is_refused_in_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    import transformers.integrations
+
+    from preftune.models import check_sharding
+
+    plain = SimpleNamespace(fsdp="", deepspeed=None)
+    check_sharding(PeftArguments(load_in_4bit=True), plain)  # DDP / one process: fine
+    check_sharding(PeftArguments(), SimpleNamespace(fsdp="full_shard", deepspeed=None))  # no quantisation: fine
+    with pytest.raises(ConfigError, match="--load_in_4bit with --fsdp is not supported"):
+        check_sharding(PeftArguments(load_in_4bit=True), SimpleNamespace(fsdp="full_shard", deepspeed=None))
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ConfigError, match="--load_in_8bit with DeepSpeed ZeRO-3"):
+        check_sharding(PeftArguments(load_in_8bit=True), SimpleNamespace(fsdp="", deepspeed="zero3.json"))
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: False)
+    check_sharding(PeftArguments(load_in_8bit=True), SimpleNamespace(fsdp="", deepspeed="zero2.json"))

@@ -103,6 +103,9 @@ def prepare_run(config: RunConfig, *, model=None, tokenizer=None, train_raw=None
     if continuing is None:
         continuing = bool(config.peft.peft_model_id)
     if model is None:
+        from preftune.models import check_sharding
+
+        check_sharding(config.peft, training)  # QLoRA with FSDP / ZeRO-3: one line, before loading
         model, tokenizer = _load(config)
     kind = kind_for(model)
     kind.head(model)  # an architecture no kind supports: one clear error before any data is tokenised

@@ -37,12 +37,13 @@ from .peft import (
     resolve_target_modules,
     save_adapter,
 )
-from .quant import quantization_identity
+from .quant import check_sharding, quantization_identity
 from .source import resolve_model_source
 from .tokenizer import ensure_pad_token, load_tokenizer, ready_tokenizer
 
 __all__ = [
-    "REFERENCE_ADAPTER", "ReferenceModelRequiredError", "apply_peft", "default_model_path", "ensure_pad_token",
+    "REFERENCE_ADAPTER", "ReferenceModelRequiredError", "apply_peft", "check_sharding", "default_model_path",
+    "ensure_pad_token",
     "load_model", "load_model_and_tokenizer", "load_reference_model", "load_tokenizer", "model_cache_root",
     "prepare_for_gradient_checkpointing", "quantization_identity", "ready_tokenizer", "reference_context",
     "resolve_model_source", "resolve_target_modules", "save_adapter",

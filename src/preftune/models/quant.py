@@ -108,6 +108,30 @@ def quantization_kwargs(peft_args: PeftArguments) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
+def check_sharding(peft_args: PeftArguments, training_args: Any) -> None:
+    """Refuse QLoRA together with weight sharding, which preftune does not set up: FSDP (``--fsdp``)
+    and DeepSpeed ZeRO-3 would need the 4-bit weights stored in a float dtype
+    (``bnb_4bit_quant_storage``) and no ``device_map``, neither of which this loader does; DDP and
+    ZeRO-1/2 keep whole weights per rank and work as they are.
+
+    Raises:
+        preftune.errors.ConfigError: ``--load_in_4bit`` / ``--load_in_8bit`` with ``--fsdp`` or ZeRO-3.
+    """
+    from preftune.errors import ConfigError
+
+    if not (peft_args.load_in_4bit or peft_args.load_in_8bit):
+        return
+    flag = "--load_in_4bit" if peft_args.load_in_4bit else "--load_in_8bit"
+    if getattr(training_args, "fsdp", None):
+        raise ConfigError(f"{flag} with --fsdp is not supported (the quantised weights would need "
+                          "bnb_4bit_quant_storage and no device map); use DDP or DeepSpeed ZeRO-2, or drop the flag")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if getattr(training_args, "deepspeed", None) and is_deepspeed_zero3_enabled():
+        raise ConfigError(f"{flag} with DeepSpeed ZeRO-3 is not supported (the quantised weights would need "
+                          "bnb_4bit_quant_storage and no device map); use ZeRO-2 or DDP, or drop the flag")
+
+
 def quantization_identity(peft_args: PeftArguments) -> str:
     """A short string naming the quantisation (part of the reference-log-prob cache key): ``""`` for
     none, else e.g. ``"nf4+dq/float32"`` or ``"int8"``."""
