@@ -131,12 +131,14 @@ def runs(tiny_model_dir, tmp_path_factory):
     step 2, then FSDP), and the one-process runs of the same trainings in this process."""
     tmp = tmp_path_factory.mktemp("dist")
     ref_ddp = tmp / "ref-ddp"
-    out = {name: tmp / name for name in ("cpo_ddp", "dpo_ddp", "resume_full", "cpo_fsdp")}
+    out = {name: tmp / name for name in ("cpo_ddp", "dpo_ddp", "resume_full", "cpo_fsdp", "dpo_live_fsdp")}
     proc, written = launch_runs(tmp, "ddp", [
         cpo(tiny_model_dir, out["cpo_ddp"], 2),
         dpo(tiny_model_dir, out["dpo_ddp"], 2),
         cpo(tiny_model_dir, out["resume_full"], 2, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
         cpo_full(tiny_model_dir, out["cpo_fsdp"], 2, *FSDP),
+        # full fine-tuning with a live reference model, sharded for evaluation like the policy
+        dpo(tiny_model_dir, out["dpo_live_fsdp"], 2, "--precompute_ref_log_probs", "false", *FSDP),
     ], ref_ddp)
     single = {}
     for name, argv in (("cpo_one", cpo(tiny_model_dir, tmp / "cpo_one", 4)),
@@ -173,6 +175,13 @@ def test_fsdp_two_cpu_processes_agree(runs):
     assert_same_logs(runs["single"]["cpo_full_one"], runs["out"]["cpo_fsdp"])
 
 
+def test_fsdp_live_reference_model_agrees(runs):
+    """DPO, full fine-tuning, the reference model live in every step and sharded like the policy (two
+    CPU processes, FSDP2) = the one-process run with precomputed reference log-probs."""
+    assert max_diff(runs["single"]["dpo_one"], runs["out"]["dpo_live_fsdp"]) <= TOL
+    assert_same_logs(runs["single"]["dpo_one"], runs["out"]["dpo_live_fsdp"])
+
+
 def test_only_rank_zero_writes_and_results_print_once(runs):
     out, written = runs["out"], runs["written"]
     roots = [*out.values(), runs["ref_ddp"]]
@@ -183,10 +192,10 @@ def test_only_rank_zero_writes_and_results_print_once(runs):
     assert bad == [], bad
     assert any(p.startswith(str(out["cpo_ddp"].resolve())) and p.endswith("trainer_state.json") for p in written[0])
     assert list(runs["ref_ddp"].glob("*.pt")), "the reference cache was written (by rank 0)"
-    assert runs["proc"].stdout.count('"train_loss"') == 4  # one result print per run, from the main process
+    assert runs["proc"].stdout.count('"train_loss"') == 5  # one result print per run, from the main process
     logs = runs["proc"].stderr
     assert logs.count("reference log-probs for") == 1 and "56 computed over 2 processes" in logs  # logged once
-    assert logs.count("saved to") == 4
+    assert logs.count("saved to") == 5
 
 
 def test_resume_latest_of_two_rank_run(runs, tmp_path):

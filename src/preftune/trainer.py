@@ -141,9 +141,31 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         self.loss_args = loss_args
         self.engine_args = engine_args
         self.reference_context = reference_context
-        self.ref_model = ref_model
+        self.ref_model = self._prepare_reference(ref_model)
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.logical_tokens_seen = 0
+
+    def _prepare_reference(self, ref_model: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
+        """A live reference model ready for the run: sharded for evaluation like the policy under FSDP
+        (``accelerator.prepare_model(..., evaluation_mode=True)``), else on the training device.
+
+        Raises:
+            ConfigError: a live reference model under DeepSpeed ZeRO-3 (its weights are partitioned at
+                load and preftune does not build an inference engine for them; precompute the reference
+                log-probs or use LoRA, whose reference is the adapter switched off).
+        """
+        if ref_model is None:
+            return None
+        if self.is_deepspeed_enabled:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise ConfigError("a live reference model under DeepSpeed ZeRO-3 is not supported: keep "
+                                  "--precompute_ref_log_probs true, or train LoRA (--use_peft)")
+            return ref_model.to(self.args.device)
+        if self.is_fsdp_enabled:
+            return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return ref_model.to(self.args.device)
 
     @property
     def aux_loss_enabled(self) -> bool:
