@@ -24,7 +24,8 @@ import yaml
 from preftune.cli import main
 
 BAD = Path(__file__).parent / "data" / "bad"
-CASES = yaml.safe_load((BAD / "cases.yaml").read_text())
+CASE_FILES = sorted(BAD.glob("cases*.yaml"))  # cases.yaml, cases_flags.yaml, ...: one corpus
+CASES = [case for path in CASE_FILES for case in yaml.safe_load(path.read_text())]
 LOCATION = re.compile(r"^(line|record) \d+$")
 ERROR_PREFIX = "preftune train: error: "
 
@@ -123,7 +124,7 @@ def test_corpus_manifest():
             used.add(case["config"])
         for arg in case.get("args", []):
             used.update(name for name in re.findall(r"\{bad\}/([^#\s]+)", str(arg)) if (BAD / name).exists())
-    unused = {p.name for p in BAD.iterdir()} - used - {"cases.yaml"}
+    unused = {p.name for p in BAD.iterdir()} - used - {p.name for p in CASE_FILES}
     assert not unused, f"files in tests/data/bad/ used by no case: {sorted(unused)}"
 
 

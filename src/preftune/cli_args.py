@@ -27,6 +27,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from preftune.config import GROUPS, RunConfig
+from preftune.constraints import check_numbers
 from preftune.errors import ConfigError
 
 
@@ -90,6 +91,10 @@ class PreftuneTrainingArguments(TrainingArguments):
     def __post_init__(self):
         import torch
 
+        # finiteness and range of every number (preftune.constraints.RANGES), before transformers reads them;
+        # a TRL-shaped config's message starts with its class name
+        check_numbers(self, "" if type(self) is PreftuneTrainingArguments else f"{type(self).__name__}: ")
+
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; silences a warning per epoch
         self._several_processes_on_cpu()
@@ -108,8 +113,6 @@ class PreftuneTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if self.learning_rate < 0:
-            raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
         if self.nan_policy not in ("stop", "skip_batch"):
             raise ConfigError(f"--nan_policy {self.nan_policy!r} is not valid; choose one of: stop, skip_batch")
         if self.max_skipped_batches < 0:

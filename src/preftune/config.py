@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Union
 
+from preftune.constraints import check_numbers
 from preftune.errors import ConfigError
 from preftune.losses import F_DIVERGENCES, LOSS_NAMES, REWARDS, LossSpec, get_spec, options_problem
 from preftune.losses.table import defaults_text, losses_reading, readers_text, smoothing_text, variant_flags
@@ -96,6 +97,7 @@ class PeftArguments:
                                 "scripts' --lora_adapter_dir); the adapter is always written to --output_dir."})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # finiteness and range of every number (preftune.constraints.RANGES)
         if self.load_in_8bit and self.load_in_4bit:
             raise ConfigError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
         _check_choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
@@ -106,8 +108,6 @@ class PeftArguments:
             raise ConfigError("--lora_adapter_dir writes the trained LoRA adapter, so it needs --use_peft true")
         if self.lora_r <= 0:
             raise ConfigError(f"--lora_r must be > 0, got {self.lora_r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         # "q_proj,v_proj" (one comma-separated value, as ORPO scripts and swift pass it) = q_proj v_proj
@@ -163,7 +163,9 @@ class DataArguments:
     def __post_init__(self) -> None:
         from preftune.data.columns import parse_columns
         from preftune.data.detect import canonical_format
+        from preftune.data.loading import check_specs
 
+        check_numbers(self)  # finiteness and range of every number (preftune.constraints.RANGES)
         _check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _check_choice("dataset_sample", self.dataset_sample, ("first", "random"))
         for name in ("dataset", "eval_file", "dataset_format"):  # one string (YAML, Python) -> a list
@@ -172,6 +174,7 @@ class DataArguments:
                 setattr(self, name, [value])
             elif value is not None:
                 setattr(self, name, list(value) or None)
+        check_specs(self.dataset, self.eval_file)  # empty, a bad '#N', a directory: named by flag, before loading
         if self.dataset_format:
             try:
                 self.dataset_format = [canonical_format(name) or "auto" for name in self.dataset_format]
@@ -187,8 +190,6 @@ class DataArguments:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             self.columns = [f"{old}={new}" for old, new in mapping.items()] or None
-        if not 0.0 <= self.eval_ratio < 1.0:
-            raise ConfigError(f"--eval_ratio must be in [0, 1), got {self.eval_ratio}")
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -238,6 +239,7 @@ class LossArguments:
                                 "when its output_router_logits is true; 0 turns it off."})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # finiteness and range of every number (preftune.constraints.RANGES)
         _check_choice("loss", self.loss, LOSS_NAMES)
         if isinstance(self.dpo_loss_type, (list, tuple)):  # one name stays a string, several are a list
             names = [str(t) for t in self.dpo_loss_type]
@@ -258,17 +260,8 @@ class LossArguments:
         for name, value in spec.defaults.items():  # the loss's own defaults for what was left unset
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.beta is not None and self.beta <= 0:
-            raise ConfigError(f"--beta must be > 0, got {self.beta}")
         if self.cpo_alpha is None:
             self.cpo_alpha = 0.0  # unset and not this loss's weight: off
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.cpo_alpha < 0 or (self.rpo_alpha is not None and self.rpo_alpha < 0):
-            raise ConfigError("--cpo_alpha and --rpo_alpha must be >= 0")
-        c = self.router_aux_loss_coef
-        if c is not None and not (c >= 0 and c != float("inf")):
-            raise ConfigError(f"--router_aux_loss_coef must be a finite number >= 0, got {c}")
 
     def _check_reward_model(self) -> None:
         """A reward model (value-head rewards): no temperature, no label smoothing; a finite
@@ -344,12 +337,8 @@ class EngineArguments:
                "peft's own forward otherwise).")
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # finiteness and range of every number (preftune.constraints.RANGES)
         _check_choice("packed_attention", self.packed_attention, ("blockwise", "mask"))
-        if not self.malloc_trim_threshold_mb >= 0:
-            raise ConfigError(f"--malloc_trim_threshold_mb must be >= 0, got {self.malloc_trim_threshold_mb}")
-        budget = self.max_activation_memory_gb
-        if budget is not None and not budget > 0:
-            raise ConfigError(f"--max_activation_memory_gb must be > 0 (inf: no limit), got {budget}")
         # unset means on; whether it was given is kept for --loss rm, which refuses it
         self._precompute_given = self.precompute_ref_log_probs is not None
         if self.precompute_ref_log_probs is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Optional
 
 import torch
@@ -84,6 +85,25 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def check_adapter_dir(path: str) -> None:
+    """A local ``--adapter`` must be a directory holding ``adapter_config.json`` (a LoRA adapter, as
+    ``preftune train --use_peft`` writes); an ``owner/name`` that is not a local path is left to the Hub.
+
+    Raises:
+        ModelLoadError: naming the directory and what is missing.
+    """
+    from preftune.errors import ModelLoadError
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ModelLoadError(f"--adapter {path}: no adapter_config.json in this directory; give the directory "
+                                 "of a LoRA adapter (the --output_dir of `preftune train --use_peft true`)")
+    elif os.path.exists(path):
+        raise ModelLoadError(f"--adapter {path}: not a directory; give the directory of a LoRA adapter")
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"--adapter {path}: directory not found (and not a Hub id owner/name)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``preftune generate``: see the module docstring."""
     from peft import PeftModel
@@ -105,6 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--output_jsonl", default=None)
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
     args = p.parse_args(argv)
+    if args.adapter:
+        check_adapter_dir(args.adapter)  # before the base model loads
     policy = DevicePolicy.of(args.device)
     model_args = ModelArguments(model_name_or_path=args.model)
     tokenizer = load_tokenizer(model_args)

@@ -30,6 +30,7 @@ JSON_SUFFIXES = (".json", ".json.gz")
 DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 SAMPLE_MODES = ("first", "random")
 SUPPORTED = ", ".join(JSONL_SUFFIXES + JSON_SUFFIXES + tuple(DATASETS_SUFFIXES))
+_COUNT = re.compile(r"[0-9]+")  # ASCII digits only
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
 
@@ -60,17 +61,37 @@ class RawData:
         return text + (f" ({self.selection})" if self.selection else "")
 
 
-def parse_spec(spec: str) -> tuple[str, Optional[int]]:
+def parse_spec(spec: str, flag: str = "--dataset") -> tuple[str, Optional[int]]:
     """Split ``"path#N"`` into ``("path", N)``; ``"path"`` gives ``("path", None)``.
 
-    Raises :class:`DataError` if N is not a positive integer.
+    Raises :class:`DataError` (naming ``flag``) if ``spec`` or its path is empty or N is not a positive
+    integer written in ASCII digits (``str.isdigit`` also takes ``²``, which ``int`` refuses).
     """
+    if not spec.strip():
+        raise DataError(f"{flag} {spec!r}: empty; give a file ({SUPPORTED}) or a Hub id")
     if "#" not in spec:
         return spec, None
     path, _, count = spec.rpartition("#")
-    if not count.isdigit() or int(count) <= 0:
-        raise DataError(f"--dataset {spec!r}: the part after '#' must be a positive number of records, got {count!r}")
+    if not _COUNT.fullmatch(count) or int(count) <= 0:
+        raise DataError(f"{flag} {spec!r}: the part after '#' must be a positive number of records, got {count!r}")
+    if not path.strip():
+        raise DataError(f"{flag} {spec!r}: empty path before '#'; give a file ({SUPPORTED}) or a Hub id")
     return path, int(count)
+
+
+def check_specs(dataset: Optional[list], eval_file: Optional[list]) -> None:
+    """What can be checked of ``--dataset`` / ``--eval_file`` before anything loads (called from
+    :class:`preftune.config.DataArguments`): not empty, a valid ``#N``, not a directory; the message
+    names the flag.
+
+    Raises:
+        DataError: naming the flag and the value.
+    """
+    for flag, specs in (("--dataset", dataset), ("--eval_file", eval_file)):
+        for spec in specs or ():
+            path, _ = parse_spec(str(spec), flag)
+            if os.path.isdir(path):
+                raise DataError(f"{flag} {path!r} is a directory; give a file ({SUPPORTED}) or a Hub id")
 
 
 def demo_path() -> str:
@@ -156,12 +177,29 @@ def json_object(text: str, where: str, *, error: type[Exception] = DataError,
             the value's type name ``kind``) when it is JSON but not an object.
     """
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as err:
         raise error(f"{where}: " + invalid.format(msg=err.msg, col=err.colno)) from None
+    except _DuplicateKey as dup:
+        raise error(f"{where}: {dup}") from None
     if not isinstance(value, dict):
         raise error(f"{where}: " + not_object.format(kind=type(value).__name__))
     return value
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object with the same key twice (``json`` would keep the last value silently)."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` of every JSON read here: a key given twice in one object is refused."""
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(f"key {key!r} appears twice in one JSON object (JSON keeps only the last value, "
+                                "silently); keep one")
+        record[key] = value
+    return record
 
 
 def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
@@ -185,7 +223,13 @@ def _read_jsonl(path: str, limit: Optional[int]) -> RawData:
 def _read_json(path: str, limit: Optional[int]) -> RawData:
     try:
         with _open_binary(path) as handle:
-            data = json.loads(_decode(handle.read(), path, 1))
+            text = _decode(handle.read(), path, 1)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as dup:
+        record = _record_of_duplicate(text)
+        if record is None:  # several top-level values: JSON lines in a .json file (the line is named there)
+            return _read_jsonl(path, limit)
+        raise DataError(f"{path}, {record}: {dup}") from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several top-level values: JSON lines in a .json file
             return _read_jsonl(path, limit)
@@ -202,6 +246,33 @@ def _read_json(path: str, limit: Optional[int]) -> RawData:
         if not isinstance(record, dict):
             raise DataError(f"{path}, record {index}: expected a JSON object, got {type(record).__name__}")
     return _finish(RawData(path, data, [f"record {i}" for i in range(1, len(data) + 1)], limit))
+
+
+def _record_of_duplicate(text: str) -> Optional[str]:
+    """``"record N"`` of the first object of a JSON list that holds a duplicate key at any depth
+    (the error path only: parsed again, marking objects instead of raising); None when ``text`` is
+    several JSON values (JSON lines)."""
+    class Marked(dict):
+        duplicate = False
+
+    def mark(pairs: list) -> dict:
+        record = Marked()
+        for key, value in pairs:
+            record.duplicate = record.duplicate or key in record or _marked(value)
+            record[key] = value
+        return record
+
+    def _marked(value) -> bool:
+        if isinstance(value, list):
+            return any(_marked(item) for item in value)
+        return bool(getattr(value, "duplicate", False))
+
+    try:
+        items = json.loads(text, object_pairs_hook=mark)
+    except json.JSONDecodeError:
+        return None
+    items = items if isinstance(items, list) else [items]
+    return next((f"record {i}" for i, item in enumerate(items, start=1) if _marked(item)), "record 1")
 
 
 def _read_with_datasets(path: str, builder: str, limit: Optional[int]) -> RawData:

@@ -51,6 +51,16 @@ class Here:
                                   f"got {type(value).__name__}")
         if not allow_empty and not value.strip():
             raise self.fail(name, "empty")
+        return self.unicode(name, value)
+
+    def unicode(self, name: str, value: str) -> str:
+        """``value`` if it is valid Unicode (encodable as UTF-8); a lone surrogate such as ``"\\ud800"``
+        (a JSON escape that is not a character) is an error naming the field."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise self.fail(name, f"invalid Unicode: a lone surrogate {value[err.start]!r} at character "
+                                  f"{err.start} (not a character; fix the \\u escape)") from None
         return value
 
     def optional_text(self, record: dict, name: str) -> Optional[str]:
@@ -113,7 +123,7 @@ class Here:
             raise self.fail(label, f"expected a string or a list of content parts, got {type(content).__name__}")
         if not allow_empty and not content.strip():
             raise self.fail(label, "empty")
-        return content
+        return self.unicode(label, content)
 
     def _parts(self, parts: list, label: str, allow_empty: bool) -> Any:
         images = 0
@@ -123,7 +133,7 @@ class Here:
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise self.fail(f"{label}[{index}].text", "expected a string")
-                texts.append(part["text"])
+                texts.append(self.unicode(f"{label}[{index}].text", part["text"]))
             elif kind == "image":
                 images += 1
             else:
