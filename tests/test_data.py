@@ -361,3 +361,105 @@ def test_build_datasets_eval_ratio_file_and_demo(char_tok, tmp_path):
         build_datasets(args(dataset=path, eval_file=eval_path, eval_ratio=0.1), char_tok, seed=0)
     demo = build_datasets(DataArguments(), char_tok, seed=0)
     assert demo.format == "standard" and demo.eval is None and 48 <= len(demo.train) <= 64
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 25 (first part): numbers checked before loading, text checked where it is read
+# --------------------------------------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("group, name, value", [
+    ("LossArguments", "beta", NAN), ("LossArguments", "beta", INF), ("LossArguments", "simpo_gamma", INF),
+    ("LossArguments", "simpo_gamma", NAN), ("LossArguments", "cpo_alpha", NAN), ("LossArguments", "cpo_alpha", INF),
+    ("LossArguments", "rpo_alpha", NAN), ("LossArguments", "rpo_alpha", INF),
+    ("LossArguments", "f_alpha_divergence_coef", NAN), ("LossArguments", "discopop_tau", INF)])
+def test_group_numbers_finite_and_in_range(group, name, value):
+    """The loss group's floats, given in Python (the TRL door's path), are refused in one line naming
+    the flag and its range (preftune.constraints.RANGES; the other groups' floats were already checked)."""
+    import preftune.config as config
+    from preftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^--{name} must be .*got {value}$"):
+        getattr(config, group)(**{name: value})
+
+
+@pytest.mark.parametrize("cls, name, value", [("CPOConfig", "beta", NAN), ("CPOConfig", "simpo_gamma", INF),
+                                              ("CPOConfig", "cpo_alpha", NAN), ("DPOConfig", "learning_rate", INF),
+                                              ("DPOConfig", "max_grad_norm", NAN), ("ORPOConfig", "weight_decay", NAN),
+                                              ("DPOConfig", "rpo_alpha", INF), ("RewardConfig", "adam_beta2", NAN)])
+def test_trl_configs_check_numbers_before_loading(cls, name, value, tmp_path):
+    """preftune.trl's configs use the same table; the message starts with the class name."""
+    import preftune.trl as trl
+    from preftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{cls}: --{name} must be .*got {value}$"):
+        getattr(trl, cls)(output_dir=str(tmp_path), **{name: value})
+
+
+def test_constraints_table_covers_the_groups_floats():
+    """Every float field of the configuration groups has its range in the one table."""
+    import dataclasses
+
+    from preftune.config import GROUPS
+    from preftune.constraints import RANGES
+
+    floats = {f.name for group in GROUPS for f in dataclasses.fields(group) if "float" in str(f.type)}
+    assert floats - set(RANGES) == set()
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"prompt": "Q:\ud800", "chosen": "a", "rejected": "b"}, "'prompt'"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "\udfff x"}],
+      "rejected": [{"role": "assistant", "content": "y"}]}, r"'chosen\[0\]\.content'"),
+    ({"prompt": [{"role": "user", "content": [{"type": "text", "text": "a\ud834"}]}],
+      "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]},
+     r"'prompt\[0\]\.content\[0\]\.text'"),
+])
+def test_lone_surrogate_refused_naming_file_record_field(tmp_path, record, field):
+    path = tmp_path / "s.jsonl"
+    good = {"prompt": "Q:", "chosen": "a", "rejected": "b"} if isinstance(record["prompt"], str) else \
+        {**record, "prompt": [{"role": "user", "content": "ok"}], "chosen": [{"role": "assistant", "content": "x"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")  # json.dumps writes "\ud800" escapes
+    with pytest.raises(DataError, match=rf"s\.jsonl, line 2, field {field}: invalid Unicode: a lone surrogate"):
+        normalise(load_raw(str(path)), DataArguments())
+
+
+def test_duplicate_json_key_refused_naming_record_and_key(tmp_path):
+    nested = tmp_path / "nested.json"
+    nested.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": '
+                      '[{"role": "assistant", "content": "x", "content": "y"}], "rejected": "c"}]')
+    with pytest.raises(DataError, match=r"nested\.json, record 2: key 'content' appears twice"):
+        load_raw(str(nested))
+    lines = tmp_path / "lines.json"  # JSON lines in a .json file: the line is named
+    lines.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"lines\.json, line 2: key 'prompt' appears twice"):
+        load_raw(str(lines))
+
+
+@pytest.mark.parametrize("spec, match", [("f.jsonl#²", r"--dataset 'f\.jsonl#²'.*got '²'"),
+                                         ("f.jsonl#١٢", "got '١٢'"), ("", r"--dataset '': empty"),
+                                         ("  ", "empty"), ("#5", "empty path")])
+def test_parse_spec_ascii_digits_and_empty(spec, match):
+    with pytest.raises(DataError, match=match):
+        parse_spec(spec)
+
+
+def test_eval_file_errors_name_eval_file(tmp_path):
+    from preftune.errors import ConfigError
+
+    with pytest.raises((ConfigError, DataError), match=r"^--eval_file .* is a directory"):
+        DataArguments(eval_file=[str(tmp_path)])
+    with pytest.raises((ConfigError, DataError), match=r"^--eval_file 'x\.jsonl#0'"):
+        DataArguments(eval_file="x.jsonl#0")
+
+
+def test_generate_adapter_without_adapter_config_is_one_line(tmp_path, capsys):
+    """Refused before the base model loads (no model given: the default would be downloaded)."""
+    from preftune.cli import main
+
+    assert main(["generate", "--adapter", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("preftune generate: error: --adapter ") and str(tmp_path) in err[0]
+    assert "adapter_config.json" in err[0]
