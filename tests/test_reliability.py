@@ -360,3 +360,21 @@ def test_skip_batch_with_deepspeed_is_refused_in_one_line():
     check_nan_policy(SimpleNamespace(nan_policy="stop", deepspeed="zero2.json"))
     with pytest.raises(ConfigError, match="skip_batch does not work with --deepspeed"):
         check_nan_policy(SimpleNamespace(nan_policy="skip_batch", deepspeed="zero2.json"))
+
+
+def test_killed_before_the_first_checkpoint_then_resume_latest_starts_again(tiny_model_dir, tmp_path, uninterrupted):
+    """Killed while writing the first checkpoint: `--resume_from_checkpoint latest` (what the docs and the
+    refusal message say to do) starts again from step 0 — the partial write removed — and ends with the
+    uninterrupted weights; another configuration in that directory is still refused."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["train", *flags(tiny_model_dir, out, *DPO)]
+    code, err = run_cli(argv, env={"PREFTUNE_FAULT": "checkpoint_write:1", "PREFTUNE_REF_CACHE": str(cache)})
+    assert code == -9, err[-3000:]
+    assert (out / ".partial-checkpoint-1").is_dir() and latest_complete_checkpoint(out) is None
+    assert main(argv) == 2  # a plain restart is refused: the directory holds a run
+    assert main(argv + ["--resume_from_checkpoint", "latest", "--beta", "0.5"]) == 2  # not this run's config
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFTUNE_REF_CACHE", str(cache))
+        assert main(argv + ["--resume_from_checkpoint", "latest"]) == 0
+    assert max_diff(adapter(uninterrupted), adapter(out)) <= 1e-6
+    assert verify_complete(out) is None and not list(out.glob(".partial-*"))

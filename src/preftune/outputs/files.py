@@ -139,21 +139,25 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike, warn: bool = True)
     return None
 
 
-def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
-    """``latest`` → :func:`latest_complete_checkpoint`; a path → itself (verified when it has a
-    marker); None / ``false`` → None.
+LATEST = ("latest", "true", "True")
 
-    Raises ``FileNotFoundError`` when ``latest`` finds no complete checkpoint or the path is
-    missing, :class:`ConfigError` when the path's marker shows an incomplete or corrupted write.
+
+def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
+    """``latest`` → :func:`latest_complete_checkpoint` (None, with a warning, when the run was killed
+    before its first complete checkpoint: it starts again from step 0); a path → itself (verified
+    when it has a marker); None / ``false`` → None.
+
+    Raises ``FileNotFoundError`` when the path is missing, :class:`ConfigError` when the path's
+    marker shows an incomplete or corrupted write.
     """
     if value in (None, "", "false", "False", "no"):
         return None
-    if value in ("latest", "true", "True"):
+    if value in LATEST:
         last = latest_complete_checkpoint(output_dir)
         if last is None:
             found = len(checkpoint_dirs(output_dir))
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint-* directory in "
-                                    f"{output_dir}" + (f" ({found} incomplete or corrupted)" if found else ""))
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint-* in %s%s; training starts "
+                           "from step 0", output_dir, f" ({found} incomplete or corrupted)" if found else "")
         return last
     path = Path(value)
     if not path.is_dir():

@@ -18,6 +18,7 @@ from preftune.outputs.files import (
     _CHECKPOINT_RE,
     _IGNORED,
     _RUN_FILES,
+    LATEST,
     LOCK_NAME,
     PARTIAL_PREFIX,
     is_main_process,
@@ -181,6 +182,30 @@ def prepare_output_dir(groups: RunConfig) -> Optional[str]:
         raise
 
 
+def _restart(out: Path, groups: RunConfig) -> None:
+    """``--resume_from_checkpoint latest`` on a run killed before its first complete checkpoint (during
+    the data or reference work, a first step or the first save): the run's resolved config, where one
+    was written (the output directory, or a partial or incomplete checkpoint), must match this one
+    (:func:`check_resume_config`); then its partial writes and
+    incomplete checkpoints are removed and training starts from step 0.
+
+    Raises :class:`ConfigError`: the directory holds another run's configuration or files that are
+    not a run."""
+    is_run, what = describe_contents(out)
+    if not is_run:
+        raise ConfigError(f"--output_dir {out} holds {what}: nothing to resume; choose an empty or new --output_dir")
+    written = [out / "preftune_config.yaml", *sorted(out.glob("checkpoint-*/preftune_config.yaml")),
+               *sorted(out.glob(f"{PARTIAL_PREFIX}*/**/preftune_config.yaml"))]
+    config = next((p for p in written if p.is_file()), None)  # the killed run's resolved config, where written
+    if config is not None:
+        check_resume_config(str(config.parent), groups)
+    for p in _entries(out):
+        if p.name.startswith(PARTIAL_PREFIX) or (_CHECKPOINT_RE.match(p.name) and p.is_dir()):
+            shutil.rmtree(p, ignore_errors=True)  # incomplete (no complete checkpoint exists)
+    logger.info("--resume_from_checkpoint latest: %s held no complete checkpoint (%s); starting from step 0", out, what)
+    return None
+
+
 def _check_output_dir(out: Path, args, groups: RunConfig) -> Optional[str]:
     resume = resolve_checkpoint(args.resume_from_checkpoint, str(out))
     if resume:
@@ -188,6 +213,8 @@ def _check_output_dir(out: Path, args, groups: RunConfig) -> Optional[str]:
         return resume
     if not _entries(out):
         return None
+    if args.resume_from_checkpoint in LATEST:  # killed before its first complete checkpoint: start again
+        return _restart(out, groups)
     is_run, what = describe_contents(out)
     if not getattr(args, "overwrite_output_dir", False):
         raise ConfigError(f"--output_dir {out} is not empty: it holds {what}; use --overwrite_output_dir to replace it, "
