@@ -76,6 +76,20 @@ def naive_logps(model, pairs):
     return torch.stack(out_c), torch.stack(out_r)
 
 
+def random_logp_batch(b: int, seed: int, max_len: int = 40, spread: float = 2.0, noise: float = 3.0):
+    """Per-sequence inputs of a loss, float64 ``(b,)`` each: policy sums of chosen / rejected completions
+    (``-len * U(0.05, 0.05 + spread)`` nats), their token counts (1..max_len-1) and reference sums (the
+    policy's + ``noise`` * N(0, 1)). Returns ``(chosen, rejected, chosen_len, rejected_len, ref_c, ref_r)``."""
+    g = torch.Generator().manual_seed(seed)
+    lc = torch.randint(1, max_len, (b,), generator=g).double()
+    lr = torch.randint(1, max_len, (b,), generator=g).double()
+    c = -lc * (0.05 + spread * torch.rand(b, generator=g, dtype=torch.float64))
+    r = -lr * (0.05 + spread * torch.rand(b, generator=g, dtype=torch.float64))
+    rc = c + torch.randn(b, generator=g, dtype=torch.float64) * noise
+    rr = r + torch.randn(b, generator=g, dtype=torch.float64) * noise
+    return c, r, lc, lr, rc, rr
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory with a tiny random Llama and a byte tokenizer, loadable by --model_name_or_path."""

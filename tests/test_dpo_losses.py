@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_logp_batch
 
 from preftune import losses as L
 from preftune.config import LossArguments
@@ -156,14 +157,7 @@ def naive_alphapo(loss_type, hp, c, r, lc, lr):
 
 
 def _batch(b: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    lc = torch.randint(1, 30, (b,), generator=g).double()
-    lr = torch.randint(1, 30, (b,), generator=g).double()
-    c = -lc * (0.05 + 1.5 * torch.rand(b, generator=g, dtype=torch.float64))
-    r = -lr * (0.05 + 1.5 * torch.rand(b, generator=g, dtype=torch.float64))
-    rc = c + torch.randn(b, generator=g, dtype=torch.float64) * 1.5
-    rr = r + torch.randn(b, generator=g, dtype=torch.float64) * 1.5
-    return c, r, lc, lr, rc, rr
+    return random_logp_batch(b, seed, max_len=30, spread=1.5, noise=1.5)
 
 
 ALL_TYPES = list(L.DPO_VARIANTS)

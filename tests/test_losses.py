@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_logp_batch
 
 from preftune import losses as L
 from preftune.config import LossArguments
@@ -132,14 +133,7 @@ def _ids(case):
 
 
 def _random_batch(b: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    lc = torch.randint(1, 40, (b,), generator=g).double()
-    lr = torch.randint(1, 40, (b,), generator=g).double()
-    c = -lc * (0.05 + 2.0 * torch.rand(b, generator=g, dtype=torch.float64))
-    r = -lr * (0.05 + 2.0 * torch.rand(b, generator=g, dtype=torch.float64))
-    rc = c + torch.randn(b, generator=g, dtype=torch.float64) * 3
-    rr = r + torch.randn(b, generator=g, dtype=torch.float64) * 3
-    return c, r, lc, lr, rc, rr
+    return random_logp_batch(b, seed)
 
 
 def _call(loss, lt, hp, c, r, lc, lr, rc, rr):
