@@ -62,6 +62,9 @@ class TokenizedPair:
     # the trainer was given (set by preftune.trainer.PairDataset), carried by the batch.
     location: Optional[str] = None
     record_index: Optional[int] = None
+    # KTO (unpaired data, preftune.data.unpaired): True for a desirable completion, False for an undesirable
+    # one; ``chosen_ids`` is then the completion and ``rejected_ids`` its KL partner. None for a pair.
+    label: Optional[bool] = None
 
     @property
     def num_tokens_logical(self) -> int:
@@ -96,6 +99,9 @@ class PolicyLogps:
     # without an entry weighs 0).
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_loss_weights: dict[str, float] = field(default_factory=dict)
+    # KTO: ``(B,)`` bool, True where the example's completion (``chosen_*``) is desirable; ``rejected_*``
+    # then score the KL partner (see preftune.data.unpaired). None for pairs.
+    labels: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Optional
 from .errors import DataError, where
 
 STR, LIST, DICT = (str,), (list,), (dict,)
+LABEL = (bool, int)  # KTO's desirable / undesirable label (0 / 1 accepted, checked by preftune.data.unpaired)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ SIGNATURES = (
     # TRL's SFT prompt-completion records (no rejected answer: only --loss sft trains on them)
     Signature("prompt_completion", (("prompt", STR), ("completion", STR))),
     Signature("prompt_completion", (("prompt", LIST), ("completion", LIST))),
+    # TRL's unpaired preference format (KTO), and ms-swift / LLaMA-Factory KTO records (messages + label)
+    Signature("unpaired", (("prompt", STR), ("completion", STR), ("label", LABEL))),
+    Signature("unpaired", (("prompt", LIST), ("completion", LIST), ("label", LABEL))),
+    Signature("unpaired", (("messages", LIST), ("label", LABEL)), ("system",)),
+    Signature("unpaired", (("conversations", LIST), ("label", LABEL)), ("system",)),
     Signature("swift2", (("query", STR), ("response", STR), ("rejected_response", STR)),
               ("system", "history", "images")),
     Signature("swift3", (("messages", LIST), ("rejected_response", STR + LIST)), _SWIFT3_OPTIONAL),
@@ -71,7 +77,8 @@ SIGNATURES = (
 )
 FORMATS = tuple(dict.fromkeys(s.format for s in SIGNATURES))
 ALIASES = {"swift": "swift3", "swift4": "swift3", "trl": "conversational", "llamafactory": "sharegpt",
-           "sharegpt_ranking": "sharegpt", "alpaca_ranking": "alpaca", "query_response": "swift2"}
+           "sharegpt_ranking": "sharegpt", "alpaca_ranking": "alpaca", "query_response": "swift2",
+           "kto": "unpaired"}
 
 
 def canonical_format(name: str) -> Optional[str]:

@@ -24,6 +24,9 @@ The format of a file is detected from the field set and value types of all its r
   token per pair in the shared-prompt layout and the prompt / chosen tokens are exactly those of a
   standard record with the same prompt and chosen. A ``label`` field (TRL's unpaired preference
   format, KTO) is refused: its undesired completions must not be trained on as targets.
+* ``unpaired``: KTO's records with one completion and a ``label`` (TRL's unpaired preference format,
+  ms-swift / LLaMA-Factory KTO records), see :mod:`preftune.data.unpaired`; ``"label"`` is kept on
+  the normalised record.
 * ``swift2``, ``swift3``, ``sharegpt``, ``alpaca``: ms-swift and LLaMA-Factory data, converted to
   the conversational form by :mod:`preftune.data.ecosystems`.
 
@@ -43,6 +46,7 @@ from .ecosystems import CONVERTERS, DESCRIPTIONS
 from .errors import DataError, where
 from .loading import RawData
 from .media import IMAGE_FIELDS, resolve_images
+from .unpaired import from_unpaired
 from .validate import Here
 
 __all__ = ["FORMATS", "FormattedData", "detect_format", "normalise"]
@@ -159,6 +163,9 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
             pair = CONVERTERS[fmt](here, record)
         elif fmt == "standard":
             pair = {name: here.text(record, name) for name in PAIR_FIELDS}
+        elif fmt == "unpaired":
+            out.kind = "text" if isinstance(record.get("prompt"), str) else "messages"
+            pair = from_unpaired(here, record)
         elif fmt == "prompt_completion":
             out.kind = "text" if isinstance(record.get("prompt"), str) else "messages"
             pair = _from_prompt_completion(here, record)
@@ -185,7 +192,8 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
         with_images += _attach_images(here, record, pair, raw.base_dir)
         if fmt not in CONVERTERS and record.get("margin") is not None:
             pair["margin"] = record["margin"]  # reward-model margin (TRL / Llama 2); checked at tokenisation
-        out.identical += pair["chosen"] == pair["rejected"] and "rejected_images" not in pair
+        out.identical += (pair["chosen"] == pair["rejected"] and "rejected_images" not in pair
+                          and fmt != "unpaired")
         out.records.append(pair)
     if empty_reply:
         out.notes.append(f"{empty_reply} pairs with an empty final reply (kept: that completion is the whitespace + EOS)")

@@ -185,9 +185,9 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
         if drop:
             stats.dropped[drop] += 1
             continue
-        stats.identical += chosen == rejected
+        stats.identical += chosen == rejected and records[i].get("label") is None
         stats.kept_index.append(i)
         pairs.append(TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected, margin=margins[i],
-                                   location=where(source, locations[i])))
+                                   location=where(source, locations[i]), label=records[i].get("label")))
     stats.kept = len(pairs)
     return pairs, stats
