@@ -90,7 +90,9 @@ class FormattedData:
                                       if self.kind == "text" else "message lists, prompt = shared leading messages"),
                   "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records",
                   "prompt_completion": (f"prompt/completion {'strings' if self.kind == 'text' else 'message lists'}, "
-                                        "completion = chosen, no rejected answer: --loss sft only")}.get(self.format)
+                                        "completion = chosen, no rejected answer: --loss sft only"),
+                  "unpaired": (f"unpaired prompt/completion/label {'strings' if self.kind == 'text' else 'messages'} "
+                               "(KTO: --loss kto / apo_zero_unpaired)")}.get(self.format)
         detail = detail or f"{DESCRIPTIONS[self.format]} -> message lists, chat template at tokenisation"
         if self.detection:
             detail += f"; {self.detection}"
