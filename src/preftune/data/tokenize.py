@@ -42,6 +42,7 @@ from typing import Any, Optional
 from preftune.types import TokenizedPair
 
 from .errors import DataError, where
+from .render import check_no_images, render_records
 from .truncation import TokenizeStats, record_margin, truncate_pair
 from .vision import is_processor, tokenize_image_records
 
@@ -81,44 +82,6 @@ class _Encoder:
         return ids if ids[-1:] == [self.eos_id] else ids + [self.eos_id]
 
 
-def _check_no_images(record: dict, tokenizer: Any, location: str, source: str) -> None:
-    for name in ("images", "rejected_images"):
-        if record.get(name):
-            what = ("a processor, but preftune does not tokenise image inputs yet"
-                    if hasattr(tokenizer, "image_processor") else
-                    f"the model's tokenizer ({type(tokenizer).__name__}) is text-only (no image processor)")
-            raise DataError(f"{where(source, location, name)}: {len(record[name])} image(s) given, but {what}; "
-                            "use a vision-language model, or leave the images out explicitly "
-                            f"(e.g. --columns {name}=unused_{name})")
-
-
-def _render(records: list[dict], tokenizer: Any, locations: list[str], source: str):
-    """Texts to encode: (prompt, chosen, rejected, prompt_special) per record."""
-    rendered = []
-    eos_text = tokenizer.eos_token
-    for record, location in zip(records, locations):
-        if isinstance(record.get("prompt"), str):
-            rendered.append((record["prompt"], record["chosen"], record["rejected"], True))
-            continue
-        if not isinstance(record.get("prompt"), list):
-            raise DataError(f"{where(source, location, 'prompt')}: expected a string or a message list")
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{source}: conversational records need a tokenizer with a chat template")
-        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
-        completions = []
-        for name in ("chosen", "rejected"):
-            full = tokenizer.apply_chat_template(record["prompt"] + record[name], tokenize=False)
-            if not full.startswith(prompt):
-                raise DataError(f"{where(source, location, name)}: the chat template renders the prompt differently "
-                                "inside the full conversation, so the completion cannot be cut out of it")
-            completion = full[len(prompt):]
-            if eos_text and completion.rstrip().endswith(eos_text):
-                completion = completion.rstrip()  # whitespace after the end-of-turn EOS is not scored
-            completions.append(completion)
-        rendered.append((prompt, completions[0], completions[1], False))
-    return rendered
-
-
 def _encode_completions(encoder: _Encoder, rendered: list, side: int) -> list[list[int]]:
     """Completion ids of every rendered record (``side`` 1: chosen, 2: rejected): without special tokens,
     except text records with ``keep_special_tokens`` (encoder–decoder models), which take the tokenizer's own."""
@@ -153,10 +116,10 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     if is_processor(tokenizer):  # a vision–language processor: images expanded into their tokens (data/vision.py)
         return tokenize_image_records(records, tokenizer, data_args, locations=locations, source=source)
     for record, location in zip(records, locations):
-        _check_no_images(record, tokenizer, location, source)
+        check_no_images(record, tokenizer, location, source)
     margins = [record_margin(record, location, source) for record, location in zip(records, locations)]
     encoder = _Encoder(tokenizer, source, keep_special_tokens)
-    rendered = _render(records, tokenizer, locations, source)
+    rendered = render_records(records, tokenizer, locations, source)
     stats = TokenizeStats(records=len(records))
     # Encode in batches: prompts that take special tokens, those that do not, then the completions.
     prompt_ids: list[list[int]] = [[] for _ in rendered]
