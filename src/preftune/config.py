@@ -233,6 +233,8 @@ class LossArguments:
     center_rewards_coefficient: Optional[float] = _option(
         None, f"{readers_text('center_rewards_coefficient')}: weight of the reward-centering term "
               "mean((r_c + r_r)^2) (Eisenstein et al. 2023), as in TRL's RewardConfig. Default: none.")
+    desirable_weight: float = _option(1.0, f"{readers_text('desirable_weight')}: weight of the desirable examples' losses.")
+    undesirable_weight: float = _option(1.0, f"{readers_text('undesirable_weight')}: weight of the undesirable ones.")
     router_aux_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "Mixture-of-experts models: weight of the router load-balancing loss added "
                                 "to every loss (logged as aux_loss). Default: the model config's router_aux_loss_coef "

@@ -51,6 +51,8 @@ RANGES: dict[str, Range] = {
     "loss_weights": _FINITE,
     "f_alpha_divergence_coef": _FINITE,
     "discopop_tau": _POSITIVE,
+    "desirable_weight": _POSITIVE,
+    "undesirable_weight": _POSITIVE,
     "alpha": _FINITE,
     "label_smoothing": Range(0, False, 0.5, True),
     "cpo_alpha": _NON_NEGATIVE,

@@ -13,6 +13,7 @@ import :mod:`preftune.config`, which imports them.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping
@@ -26,17 +27,19 @@ from .base import WHERE, LossFn, Variant
 from .cpo import CPO_VARIANTS, cpo_loss, cpo_simpo_loss, simpo_loss
 from .dpo import DPO_VARIANTS, dpo_loss, dpo_options_problem
 from .dpo_terms import DPOVariant
+from .kto import kto_loss
 from .orpo import orpo_loss
 from .reward import rm_loss
 from .sft import sft_loss
 
 # What a loss consumes: per-sequence policy log-probs of pairs (PolicyLogps), value-head rewards of
-# pairs (PairRewards), or - not implemented yet, for KTO - log-probs of unpaired completions.
+# pairs (PairRewards), or log-probs of unpaired completions and their KL partners with labels (KTO:
+# PolicyLogps with ``labels``; the data is made unpaired for it, preftune.data.unpaired).
 Consumes = Literal["logps", "rewards", "unpaired_logps"]
 LOGPS: Consumes = "logps"
 REWARDS: Consumes = "rewards"
 UNPAIRED_LOGPS: Consumes = "unpaired_logps"
-INPUT_TYPES: dict[str, type] = {LOGPS: PolicyLogps, REWARDS: PairRewards}
+INPUT_TYPES: dict[str, type] = {LOGPS: PolicyLogps, REWARDS: PairRewards, UNPAIRED_LOGPS: PolicyLogps}
 
 # LossArguments fields that are the weight of a chosen-completion NLL term.
 NLL_WEIGHTS = ("cpo_alpha", "rpo_alpha")
@@ -57,7 +60,8 @@ class LossSpec:
         defaults: per-loss default of a field in ``reads`` that the user left unset (``None``):
             ``beta``, the NLL weight. A field not listed keeps its own default.
         consumes: ``"logps"`` (:class:`~preftune.types.PolicyLogps` of pairs), ``"rewards"``
-            (:class:`~preftune.types.PairRewards` of a value head) or ``"unpaired_logps"`` (reserved).
+            (:class:`~preftune.types.PairRewards` of a value head) or ``"unpaired_logps"``
+            (:class:`~preftune.types.PolicyLogps` of unpaired examples with ``labels``: KTO).
         needs_reference: the loss compares against a frozen reference policy (reference log-probs in
             the input: precomputed or a live reference model).
         variants: sub-variant name -> :class:`~preftune.losses.base.Variant` or
@@ -123,6 +127,7 @@ def _table(*specs: LossSpec) -> dict[str, LossSpec]:
 
 
 _SIMPO_READS = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha", "alpha")
+_KTO_READS = ("beta", "desirable_weight", "undesirable_weight")
 _DPO_READS = ("beta", "label_smoothing", "rpo_alpha", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
               "discopop_tau")
 
@@ -138,6 +143,9 @@ TABLE: dict[str, LossSpec] = _table(
     LossSpec("orpo", orpo_loss, reads=("beta", "label_smoothing"), defaults={"beta": 0.1}),
     LossSpec("dpo", dpo_loss, reads=_DPO_READS, defaults={"beta": 0.1},
              needs_reference=True, variants=DPO_VARIANTS, variant_flag="dpo_loss_type", nll_weight="rpo_alpha"),
+    LossSpec("kto", kto_loss, reads=_KTO_READS, defaults={"beta": 0.1}, consumes=UNPAIRED_LOGPS, needs_reference=True),
+    LossSpec("apo_zero_unpaired", functools.partial(kto_loss, loss_type="apo_zero_unpaired"), reads=_KTO_READS,
+             defaults={"beta": 0.1}, consumes=UNPAIRED_LOGPS, needs_reference=True),
     LossSpec("sft", sft_loss, reads=("label_smoothing",)),
     LossSpec("rm", rm_loss, reads=("center_rewards_coefficient",), consumes=REWARDS),
 )
@@ -195,7 +203,8 @@ def smoothing_text() -> str:
 #: LossArguments fields that only some losses read, with the value that leaves them unused: a
 #: different value given to a loss that does not read the field is refused (:func:`options_problem`).
 UNUSED_VALUES: dict[str, Any] = {"loss_weights": None, "f_divergence_type": "reverse_kl",
-                                 "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "alpha": 0.0}
+                                 "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "alpha": 0.0,
+                                 "desirable_weight": 1.0, "undesirable_weight": 1.0}
 
 
 def options_problem(args: Any) -> Optional[str]:
