@@ -123,6 +123,12 @@ def prepare_run(config: RunConfig, *, model=None, tokenizer=None, train_raw=None
     if sets is not None:
         data.eval, lines = tokenize_eval_sets(config, model, tokenizer, sets)
         data.report = "\n".join([data.report, *lines])
+    if config.loss.spec.consumes == "unpaired_logps":  # KTO: unpaired examples with their KL partners
+        from preftune.data.unpaired import prepare_kto
+
+        prepare_kto(data, kl=config.loss.loss == "kto", batch_size=training.per_device_train_batch_size,
+                    max_length=config.data.max_length, desirable_weight=config.loss.desirable_weight,
+                    undesirable_weight=config.loss.undesirable_weight)
     if config.loss.needs_reference:
         place_on_device(model, training, policy)
     ref_ctx, live_ref = attach_reference(config, model, data, ref_model=ref_model, model_key=ref_key,

@@ -93,8 +93,11 @@ class PairCollator:
 
     def __call__(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         e = self.engine_args
-        return self.collate(pairs, share_prompt=e.share_prompt, padding_free=e.padding_free,
-                            max_tokens_per_batch=e.max_tokens_per_batch, pad_token_id=self.pad_token_id)
+        batch = self.collate(pairs, share_prompt=e.share_prompt, padding_free=e.padding_free,
+                             max_tokens_per_batch=e.max_tokens_per_batch, pad_token_id=self.pad_token_id)
+        if pairs and pairs[0].label is not None:  # KTO examples: (B,) desirable labels (preftune.data.unpaired)
+            batch["kto_labels"] = torch.tensor([bool(p.label) for p in pairs], dtype=torch.bool)
+        return batch
 
 
 class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
@@ -254,6 +257,8 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         are added with their weights and weigh ``W * B / N`` of the step.
         """
         scores = self._score(model, batch)
+        if "kto_labels" in batch:
+            scores.labels = batch["kto_labels"]
         if self.loss_args.needs_reference and scores.ref_chosen_logps is None:
             scores.ref_chosen_logps, scores.ref_rejected_logps = self._reference_logps(model, batch)
         if counts is None:

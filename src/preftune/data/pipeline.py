@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from preftune.losses.table import TABLE, UNPAIRED_LOGPS
 from preftune.types import TokenizedPair
 
 from .columns import parse_columns, rename_columns
@@ -23,6 +24,7 @@ from .split import split_indices
 from .tokenize import TokenizeStats, tokenize_records
 
 logger = logging.getLogger("preftune.data")
+UNPAIRED_LOSSES = tuple(name for name, spec in TABLE.items() if spec.consumes == UNPAIRED_LOGPS)  # kto, apo_zero_unpaired
 
 
 class PairList(list):
@@ -227,7 +229,15 @@ def check_preference_signal(pairs: list[TokenizedPair], loss: str) -> int:
     prompt/completion records and ``loss`` is not ``sft``: they have no rejected answer.
     """
     refuse_missing_rejected(pairs, loss)
-    if loss == "sft" or not pairs:
+    if loss in UNPAIRED_LOSSES or not pairs:
+        return 0  # KTO: a paired record is unpaired, an unpaired one gets its KL partner (preftune.data.unpaired)
+    labelled = next((pair for pair in pairs if pair.label is not None), None)
+    if labelled is not None:
+        raise DataError(f"{labelled.location or 'training data'}, field 'label': unpaired records (one completion "
+                        f"labelled desirable or undesirable, KTO's format) train with --loss "
+                        f"{' / '.join(UNPAIRED_LOSSES)}, not --loss {loss}; give preference pairs "
+                        "(prompt/chosen/rejected) for it")
+    if loss == "sft":
         return 0
     identical = [pair for pair in pairs if pair.chosen_ids == pair.rejected_ids]
     if not identical:

@@ -174,7 +174,43 @@ def kto_examples(pairs: list[TokenizedPair], *, batch_size: int, max_length: Opt
             + (f"; KL term from each example's prompt with the completion of its neighbour in blocks of {batch_size}"
                if kl else "; no KL term") + ")")
     (say or logger.info)(line)
+    if not desirable or not undesirable:
+        logger.warning("%s: every KTO example is %s; KTO learns from both kinds", label,
+                       "desirable" if desirable else "undesirable")
     advice = weight_advice(desirable, undesirable, desirable_weight, undesirable_weight)
     if advice and label == "data":
         logger.warning("data: %s", advice)
     return examples
+
+
+def prepare_kto(data: Any, *, kl: bool, batch_size: int, max_length: Optional[int], desirable_weight: float,
+                undesirable_weight: float) -> list[str]:
+    """Turn the tokenised training and eval data of a run (a :class:`~preftune.data.pipeline.PreferenceData`;
+    ``eval`` a list, a dict of named lists or None) into KTO examples in place (:func:`kto_examples`,
+    eval sets with the training ``batch_size`` as TRL does); returns the report lines.
+
+    Raises :class:`~preftune.errors.ConfigError`: ``kl`` with ``batch_size`` < 2 (the KL partner of a
+    lone example is its own completion: the KL estimate would equal the example's own reward, as TRL
+    says when it refuses it).
+    """
+    from preftune.errors import ConfigError
+
+    if kl and batch_size < 2:
+        raise ConfigError(f"--loss kto estimates its KL term from the other completions of a batch: "
+                          f"--per_device_train_batch_size must be at least 2, got {batch_size} (or use --loss "
+                          "apo_zero_unpaired, which has no KL term)")
+    lines: list[str] = []
+    options = dict(batch_size=batch_size, max_length=max_length, kl=kl, desirable_weight=desirable_weight,
+                   undesirable_weight=undesirable_weight, say=lines.append)
+    kept = getattr(data.train, "without_rejected", ())
+    data.train = type(data.train)(kto_examples(data.train, label="data", **options))
+    if kept:
+        data.train.without_rejected = kept
+    if isinstance(data.eval, dict):
+        data.eval = {name: kto_examples(pairs, label=f"eval data ({name})", **options) for name, pairs in data.eval.items()}
+    elif data.eval is not None:
+        data.eval = kto_examples(data.eval, label="eval data", **options)
+    for line in lines:
+        logger.info(line)
+    data.report = "\n".join([data.report, *lines]) if getattr(data, "report", None) else "\n".join(lines)
+    return lines
