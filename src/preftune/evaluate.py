@@ -131,6 +131,11 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
     kind = kind_for(model)
     data = build_datasets(data_args, tokenizer, seed=eval_args.seed, **kind.tokenize_options(model))  # logs its report
     refuse_missing_rejected(data.train, loss_args.loss, "evaluate")
+    if loss_args.spec.consumes == "unpaired_logps":  # KTO: unpaired examples, KL partners within --batch_size
+        from preftune.data.unpaired import prepare_kto
+
+        prepare_kto(data, kl=loss_args.loss == "kto", batch_size=eval_args.batch_size, max_length=data_args.max_length,
+                    desirable_weight=loss_args.desirable_weight, undesirable_weight=loss_args.undesirable_weight)
     pairs = _select(data, eval_args.split)
     kept = _select(kind.prepare_data(data), eval_args.split)
     if loss_args.needs_reference:

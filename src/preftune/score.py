@@ -170,8 +170,10 @@ def scored_batches(model, pairs: list[TokenizedPair], engine_args, *, batch_size
                 chunk = pairs[start:start + batch_size]
                 batch = kind.collate(chunk, share_prompt=engine_args.share_prompt, padding_free=engine_args.padding_free,
                                      max_tokens_per_batch=engine_args.max_tokens_per_batch, pad_token_id=pad_token_id)
-                yield chunk, kind.score(model, {k: v.to(device) for k, v in batch.items()},
-                                        engine_args.logprob_chunk_size)
+                scores = kind.score(model, {k: v.to(device) for k, v in batch.items()}, engine_args.logprob_chunk_size)
+                if chunk and chunk[0].label is not None:  # KTO examples (preftune.data.unpaired): their labels
+                    scores.labels = torch.tensor([bool(p.label) for p in chunk], device=device)
+                yield chunk, scores
                 if bar is not None:
                     bar.update(len(chunk))
     finally:
