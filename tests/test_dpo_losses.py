@@ -509,7 +509,7 @@ def test_trl_configs():
     for bad, match in ((dict(loss_type="exo_pair"), "loss_type exo_pair needs label_smoothing > 0"),
                        (dict(loss_type="bco_pair", f_divergence_type="forward_kl"), "no form for loss_type bco_pair"),
                        (dict(loss_type=["nope"]), "not supported"),
-                       (dict(use_weighting=True), "use_weighting"), (dict(ld_alpha=0.5), "ld_alpha"),
-                       (dict(sync_ref_model=True), "sync_ref_model")):
+                       (dict(use_weighting=True, loss_type="aot"), "use_weighting"), (dict(ld_alpha=1.5), "ld_alpha"),
+                       (dict(sync_ref_model=True, loss_type="sft"), "sync_ref_model")):
         with pytest.raises(ConfigError, match=match):
             DPOConfig(**bad, **kw)

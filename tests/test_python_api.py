@@ -321,7 +321,7 @@ def test_config_fields_map_onto_preftune_groups():
     assert engine.precompute_ref_log_probs and engine.padding_free
     assert not DPOConfig(gradient_checkpointing=False, **kw).activation_checkpointing
     for bad, match in ((dict(loss_type="exo_pair"), "exo_pair needs label_smoothing"),
-                       (dict(use_weighting=True), "use_weighting"),
+                       (dict(use_weighting=True, loss_type=["sigmoid", "sft"]), "use_weighting"),
                        (dict(loss_type=["sigmoid", "sft"], rpo_alpha=1.0), "once"),
                        (dict(loss_type=["nope"]), "not supported"),
                        (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "f_divergence_type")):

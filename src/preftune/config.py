@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Optional, Union
 from preftune.constraints import check_numbers
 from preftune.errors import ConfigError
 from preftune.losses import F_DIVERGENCES, LOSS_NAMES, REWARDS, LossSpec, get_spec, options_problem
+from preftune.losses.dpo import REF_MODEL_MIXUP_ALPHA, REF_MODEL_SYNC_STEPS
 from preftune.losses.table import defaults_text, losses_reading, readers_text, smoothing_text, variant_flags
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -224,6 +225,11 @@ class LossArguments:
     f_alpha_divergence_coef: float = _option(0.5, "dpo: the coefficient of f_divergence_type alpha_divergence.")
     discopop_tau: float = _option(0.05, f"{readers_text('discopop_tau')}: DiscoPOP's temperature (loss type discopop).")
     alpha: float = _option(0.0, f"{readers_text('alpha')}: AlphaPO reward shape r = (1 - p^-alpha) / alpha.")
+    ld_alpha: Optional[float] = _option(None, "dpo: LD-DPO, weight of the tokens beyond a pair's shared length.")
+    use_weighting: bool = _option(False, "dpo: WPO, each pair weighted by its completions' aligned probability.")
+    sync_ref_model: bool = _option(False, "TR-DPO: the reference follows the policy (also LoRA, precomputed).")
+    ref_model_mixup_alpha: float = _option(REF_MODEL_MIXUP_ALPHA, "TR-DPO: ref <- alpha policy + (1 - alpha) ref.")
+    ref_model_sync_steps: int = _option(REF_MODEL_SYNC_STEPS, "TR-DPO: optimizer steps between reference updates.")
     label_smoothing: float = _option(0.0, f"Label smoothing ({smoothing_text()}).")
     cpo_alpha: Optional[float] = _option(
         None, f"Weight of the chosen NLL (BC regulariser). Default per loss: {defaults_text('cpo_alpha')}.")

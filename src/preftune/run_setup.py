@@ -91,6 +91,7 @@ def prepare_run(config: RunConfig, *, model=None, tokenizer=None, train_raw=None
 
     from preftune.data import build_datasets
     from preftune.data.pipeline import check_preference_signal
+    from preftune.engine.forward import configure_for_loss
     from preftune.engine.kinds import kind_for
 
     quiet_replicas()
@@ -131,6 +132,7 @@ def prepare_run(config: RunConfig, *, model=None, tokenizer=None, train_raw=None
                     undesirable_weight=config.loss.undesirable_weight)
     if config.loss.needs_reference:
         place_on_device(model, training, policy)
+    configure_for_loss(config.loss, model, ref_model)  # LD-DPO / WPO sums, before any reference is computed
     ref_ctx, live_ref = attach_reference(config, model, data, ref_model=ref_model, model_key=ref_key,
                                          continuing=continuing)
     # (before the trainer: config_to_yaml builds a TrainingArguments, which resets accelerate's state)

@@ -43,6 +43,7 @@ from preftune.engine.options import configure_engine
 from preftune.guard import GuardedTrainerMixin, check_nan_policy
 from preftune.losses import compute_loss as loss_from_table
 from preftune.outputs import CrashSafeCheckpointMixin
+from preftune.ref_sync import setup_trainer
 from preftune.types import PairRewards, PolicyLogps, TokenizedPair
 
 _HONOURS_SCALED_LOSS = hasattr(Trainer, "loss_is_scaled_for_ga")  # transformers decides GA scaling from it
@@ -145,6 +146,7 @@ class PreferenceTrainer(GuardedTrainerMixin, CrashSafeCheckpointMixin, Trainer):
         self.engine_args = engine_args
         self.reference_context = reference_context
         self.ref_model = self._prepare_reference(ref_model)
+        self.ref_sync = setup_trainer(self)  # LD-DPO / WPO outputs, TR-DPO's reference updates (preftune.ref_sync)
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.logical_tokens_seen = 0
 

@@ -102,6 +102,16 @@ class PolicyLogps:
     # KTO: ``(B,)`` bool, True where the example's completion (``chosen_*``) is desirable; ``rejected_*``
     # then score the KL partner (see preftune.data.unpaired). None for pairs.
     labels: Optional[torch.Tensor] = None
+    # LD-DPO (``--ld_alpha``, set on the model by preftune.engine.forward.configure_sequence_outputs): the
+    # ``*_logps`` sums (policy and reference alike) are then shared + ld_alpha * tail (the first
+    # min(len_chosen, len_rejected) tokens of a pair weigh 1, the rest ld_alpha); ``ld_alpha`` records it and
+    # ``chosen_plain_logps`` ``(B,)`` keeps the plain sums of the chosen completions (the NLL / sft term's).
+    ld_alpha: Optional[float] = None
+    chosen_plain_logps: Optional[torch.Tensor] = None
+    # WPO (``--use_weighting``): ``(B,)`` sums over the completion tokens of log p_t - log sum_v p_v^2 (no
+    # gradient), from which the loss weighs each pair (preftune.losses.dpo). None when not asked for.
+    chosen_aligned_logps: Optional[torch.Tensor] = None
+    rejected_aligned_logps: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 
 from preftune import distributed
 from preftune.distributed import is_main_process
+from preftune.engine.forward import sequence_outputs
 from preftune.engine.kinds import kind_for
 from preftune.engine.logprobs import sequence_logps
 from preftune.faults import fault_point
@@ -160,7 +161,8 @@ def attach_reference_logps(
     The cache holds one file per reference policy (``model_key``: model, adapter, dtype, mixed
     precision), mapping each pair's token ids (:func:`pair_key`) to its two sums, so a later run
     on other splits, or ``preftune evaluate`` on the eval split, reuses whatever was computed;
-    only missing pairs are computed. Returns ``"cache"`` (all found), ``"computed"`` (none found)
+    only missing pairs are computed. A model whose sums are LD-DPO's (``--ld_alpha``,
+    :func:`preftune.engine.forward.configure_sequence_outputs`) has its own cache file per ``ld_alpha``. Returns ``"cache"`` (all found), ``"computed"`` (none found)
     or ``"cache+computed"``.
 
     Several processes (a ``torch.distributed`` process group, every rank calling this with the same
@@ -170,7 +172,8 @@ def attach_reference_logps(
     """
     if not pairs:
         return "computed"
-    path = model_cache_path(model_key, cache_dir)
+    ld_alpha = sequence_outputs(model).ld_alpha  # LD-DPO's sums are other numbers: their own cache file
+    path = model_cache_path(model_key if ld_alpha is None else f"{model_key}|ld_alpha={ld_alpha!r}", cache_dir)
     cached = _load_cache(path)
     keys = [pair_key(p) for p in pairs]
     missing = [i for i, k in enumerate(keys) if k not in cached]

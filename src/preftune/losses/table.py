@@ -25,7 +25,7 @@ from preftune.types import LossOutput, PairRewards, PolicyLogps
 
 from .base import WHERE, LossFn, Variant
 from .cpo import CPO_VARIANTS, cpo_loss, cpo_simpo_loss, simpo_loss
-from .dpo import DPO_VARIANTS, dpo_loss, dpo_options_problem
+from .dpo import DPO_VARIANTS, dpo_loss, dpo_options_problem, ref_sync_problem
 from .dpo_terms import DPOVariant
 from .kto import kto_loss
 from .orpo import orpo_loss
@@ -129,7 +129,7 @@ def _table(*specs: LossSpec) -> dict[str, LossSpec]:
 _SIMPO_READS = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha", "alpha")
 _KTO_READS = ("beta", "desirable_weight", "undesirable_weight")
 _DPO_READS = ("beta", "label_smoothing", "rpo_alpha", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
-              "discopop_tau")
+              "discopop_tau", "ld_alpha", "use_weighting")
 
 #: ``--loss`` name -> :class:`LossSpec`, in ``--help`` order. Adding a loss: one entry here.
 TABLE: dict[str, LossSpec] = _table(
@@ -204,7 +204,8 @@ def smoothing_text() -> str:
 #: different value given to a loss that does not read the field is refused (:func:`options_problem`).
 UNUSED_VALUES: dict[str, Any] = {"loss_weights": None, "f_divergence_type": "reverse_kl",
                                  "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "alpha": 0.0,
-                                 "desirable_weight": 1.0, "undesirable_weight": 1.0}
+                                 "desirable_weight": 1.0, "undesirable_weight": 1.0, "ld_alpha": None,
+                                 "use_weighting": False}
 
 
 def options_problem(args: Any) -> Optional[str]:
@@ -220,10 +221,13 @@ def options_problem(args: Any) -> Optional[str]:
         return f"a list of --dpo_loss_type names applies to --loss dpo only, not {args.loss!r}"
     if not math.isfinite(getattr(args, "alpha", 0.0)):
         return f"--alpha must be a finite number, got {args.alpha}"
+    if (problem := ref_sync_problem(args, get_spec(args.loss).needs_reference)) is not None:  # TR-DPO
+        return problem
     if args.loss != "dpo":
         return None
     return dpo_options_problem(args.dpo_loss_type, args.loss_weights, args.label_smoothing, args.f_divergence_type,
-                               args.discopop_tau, args.rpo_alpha)
+                               args.discopop_tau, args.rpo_alpha, getattr(args, "ld_alpha", None),
+                               getattr(args, "use_weighting", False))
 
 
 def get_spec(name: str) -> LossSpec:

@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from preftune.engine.forward import prepare_forward
+from preftune.engine.forward import prepare_forward, sequence_outputs
 from preftune.engine.layout import collate_pairs
-from preftune.engine.lm_head import per_sequence_logps, token_logps
+from preftune.engine.lm_head import head_token_logps, per_sequence_logps
 from preftune.errors import ModelLoadError
 from preftune.types import PolicyLogps, TokenizedPair
 
@@ -134,10 +134,12 @@ class ModelKind:
         at the targets through the chunked LM head (:func:`preftune.engine.lm_head.token_logps`),
         summed per sequence; ``(B,)`` float32 sums (nats), token counts, the batch's reference
         log-probs when present, the extra loss terms and their weights."""
-        options = prepare_forward(model, batch)
+        options, wanted = prepare_forward(model, batch), sequence_outputs(model)  # wanted: LD-DPO / WPO sums
         flat, extras = self.hidden_at_targets(model, batch)
-        logps = token_logps(self.head(model), flat, batch["target_ids"], chunk_size, fused=options.fused_lm_head)
-        return per_sequence_logps(logps, batch, extras, self.extra_loss_weights(model, extras))
+        logps, log_sum_sq = head_token_logps(self.head(model), flat, batch["target_ids"], chunk_size,
+                                             fused=options.fused_lm_head, log_sum_sq=wanted.aligned_logps)
+        return per_sequence_logps(logps, batch, extras, self.extra_loss_weights(model, extras),
+                                  ld_alpha=wanted.ld_alpha, log_sum_sq=log_sum_sq)
 
     # ---- data, set-up, saving ------------------------------------------------------------------
     def tokenize_options(self, model: nn.Module) -> dict[str, Any]:
