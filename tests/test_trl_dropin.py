@@ -206,16 +206,28 @@ def test_attn_implementation_none_is_the_models_default_not_sdpa(tmp_path):
     assert model_init_arguments(str(tmp_path), {"attn_implementation": "sdpa"}, False, "x").attn_implementation == "sdpa"
 
 
-def test_another_revision_is_refused_in_one_line(model_dir, tmp_path):
+def test_other_model_init_kwargs_reach_from_pretrained(model_dir, tmp_path, monkeypatch):
+    """revision, device_map, low_cpu_mem_usage ...: passed to from_pretrained as given (TRL forwards them)."""
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
 
-    from preftune.config import ConfigError
     from preftune.trl import DPOTrainer
 
-    with pytest.raises(ConfigError, match=r"^DPOTrainer: model_init_kwargs revision='v1.0': preftune loads the "
-                                          r"default branch \(main\) only[^\n]*$"):
-        DPOTrainer(model_dir, args=dpo_args(tmp_path, model_init_kwargs={"revision": "v1.0"}),
-                   train_dataset=Dataset.from_list(standard(4)))
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    init = {"revision": "v1.0", "device_map": "cpu", "low_cpu_mem_usage": True, "torch_dtype": "float32",
+            "attn_implementation": "eager"}
+    trainer = DPOTrainer(model_dir, args=dpo_args(tmp_path, model_init_kwargs=init),
+                         train_dataset=Dataset.from_list(standard(4)))
+    assert seen and {"revision": "v1.0", "device_map": "cpu", "low_cpu_mem_usage": True}.items() <= seen[0].items()
+    assert seen[0]["attn_implementation"] == "eager" and "torch_dtype" not in seen[0]  # read as dtype
+    assert trainer.model.config._attn_implementation == "eager"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,17 +27,18 @@ from typing import Any, ClassVar, Optional
 from preftune import trl_support as support
 from preftune.config import ConfigError, PeftArguments, RunConfig
 from preftune.modeling import is_peft_model
-from preftune.run_setup import amp_name, prepare_run
+from preftune.run_setup import amp_name, model_identity, prepare_run
 from preftune.trainer import PairDataset, PreferenceTrainer
-from preftune.trl_config import CPOConfig, DPOConfig, ORPOConfig, RewardConfig, _TRLConfig
+from preftune.trl_config import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig, _TRLConfig
+from preftune.trl_eval import DPORow, EncodedRow, RewardRow, TRLEvalMixin, TRLRow, as_rows
 
-__all__ = ["CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "ORPOConfig", "ORPOTrainer", "RewardConfig",
-           "RewardTrainer"]
+__all__ = ["CPOConfig", "CPOTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "ORPOConfig", "ORPOTrainer",
+           "RewardConfig", "RewardTrainer"]
 
 logger = logging.getLogger("preftune.trl")
 
 
-class _TRLTrainer(PreferenceTrainer):
+class _TRLTrainer(TRLEvalMixin, PreferenceTrainer):
     """The shared construction of the TRL-shaped trainers (see the module docstring).
 
     After construction: ``preftune_groups`` (the :class:`~preftune.config.RunConfig`, as ``preftune train``
@@ -48,6 +49,10 @@ class _TRLTrainer(PreferenceTrainer):
     # TRL's DPOTrainer adds the MoE router loss whenever the model's config declares output_router_logits
     # (Qwen3-MoE ships it False); its CPO / ORPO trainers, as preftune's default, only when it is True
     _router_loss_when_declared: ClassVar[bool] = False
+    # TRL's model tags (model.add_model_tags; default ["trl", <config's trainer name, lower case>]) and the
+    # class of the tokenised rows (TRL's columns by key: preftune.trl_eval.TRLRow; None: plain pairs)
+    _tag_names: ClassVar[Optional[list[str]]] = None
+    _row_class: ClassVar[Optional[type[TRLRow]]] = None
 
     def _build(self, model, ref_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
                peft_config, unsupported: dict[str, Any], legacy: dict[str, Any]) -> None:
@@ -60,6 +65,8 @@ class _TRLTrainer(PreferenceTrainer):
         from preftune.models import apply_peft, ready_tokenizer
 
         name = type(self).__name__
+        compute_metrics = unsupported.pop("compute_metrics", None)  # on the per-pair rewards (trl_eval)
+        quantization_config = unsupported.pop("quantization_config", None)  # from_pretrained's, as in TRL
         for key, value in unsupported.items():
             if value is not None:
                 raise ConfigError(f"{name}: {key} is not supported: {support.UNSUPPORTED_ARGS[key]}; drop the argument")
@@ -74,8 +81,11 @@ class _TRLTrainer(PreferenceTrainer):
         loss_args = args.preftune_groups().loss
         reward = loss_args.spec.consumes == "rewards"
         given = model
-        model, model_args = support.resolve_model(model, args, reward=reward, where=name)
+        self._init_extras = support.model_init_extras(support.model_init(args, quantization_config, name))
+        model, model_args = support.resolve_model(model, support.model_init(args, quantization_config, name), args,
+                                                  reward=reward, where=name)
         processing_class = ready_tokenizer(processing_class, model_args, where=name)
+        support.apply_chat_template_path(processing_class, getattr(args, "chat_template_path", None), name)
 
         continuing = is_peft_model(model)  # a PeftModel passed: its adapter trains on, from as it is
         if continuing and peft_config is not None:
@@ -87,7 +97,7 @@ class _TRLTrainer(PreferenceTrainer):
             peft_args = support.lora_to_peft_args(peft_config, model, reward=reward)
             if args.disable_dropout:
                 peft_args.lora_dropout = 0.0  # TRL zeroes LoRA's dropout too; the YAML then says what ran
-            model = apply_peft(model, peft_args)
+            model = apply_peft(model, peft_args, **support.lora_choices(peft_config, reward=reward))
         else:
             peft_args = PeftArguments()
         if args.disable_dropout:
@@ -105,12 +115,17 @@ class _TRLTrainer(PreferenceTrainer):
                                train_raw=records_to_raw(train_dataset, "train_dataset"), eval_raw=eval_raw,
                                ref_model=ref_model, ref_key=ref_key, continuing=continuing)
         kwargs = prepared.trainer_kwargs()
+        as_rows(kwargs["train_dataset"], self._row_class)
+        as_rows(kwargs["eval_dataset"], self._row_class)
         if isinstance(kwargs["eval_dataset"], dict):
             kwargs["eval_dataset"] = {name: PairDataset(pairs) for name, pairs in kwargs["eval_dataset"].items()}
-        super().__init__(**kwargs, callbacks=callbacks, optimizers=optimizers)
+        super().__init__(**kwargs, callbacks=callbacks, optimizers=optimizers, compute_metrics=compute_metrics)
         self.run_config_yaml = prepared.config_yaml  # written into every checkpoint, as preftune train does
         self.preftune_groups = config
         self.data_report = prepared.data.report
+        support.add_model_tags(self.model, self._tag_names or ["trl", self._config_class._trainer_name.lower()])
+        if continuing and ref_model is None and config.loss.needs_reference and config.engine.precompute_ref_log_probs:
+            self.keep_starting_adapter()  # the reference of new eval data after training (trl_eval)
 
     def _reference(self, config: RunConfig, model, given, ref_model, continuing: bool):
         """TRL's reference rules as preftune's: ``(ref_model, reference-cache key)``.
@@ -136,8 +151,11 @@ class _TRLTrainer(PreferenceTrainer):
         if continuing and not precompute:
             raise ConfigError(f"{name}: a PeftModel with precompute_ref_log_probs=False needs a ref_model "
                               "(or keep precompute_ref_log_probs=True: the reference is the model as passed)")
-        key = None if isinstance(given, str) else \
-            f"object|{config.model.model_name_or_path}|{support.fingerprint(model)}|amp={amp}"
+        if isinstance(given, str):  # as the CLI keys it; from_pretrained's other keywords (revision ...) added
+            key = None if not self._init_extras else \
+                f"{model_identity(config.model, config.peft, amp)}|init={sorted(map(repr, self._init_extras.items()))}"
+        else:
+            key = f"object|{config.model.model_name_or_path}|{support.fingerprint(model)}|amp={amp}"
         if not config.peft.use_peft and not precompute:  # full fine-tuning, live reference: a frozen copy
             return copy.deepcopy(model), key
         return None, key
@@ -179,40 +197,6 @@ class _TRLTrainer(PreferenceTrainer):
         logger.warning("%s: older TRL spelling; today's: %s", name, ", ".join(notes))
         return args, processing_class
 
-    # ---- evaluation on another dataset --------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """``Trainer.evaluate``; an ``eval_dataset`` given here (a ``datasets.Dataset`` or a list of dicts in
-        any supported format) is tokenised like the training data first. Its reference log-probs (DPO)
-        come from the live reference: adapters-off for a fresh LoRA, or the ``ref_model``. Several eval
-        sets (a dict or ``DatasetDict``, here or at construction): one evaluation per set, its metrics
-        prefixed ``eval_<name>_``, as ``transformers.Trainer`` does.
-
-        Raises :class:`ConfigError` when that dataset needs reference log-probs and there is no live
-        reference (full fine-tuning or a passed ``PeftModel`` with precomputed ones): give it at construction.
-        """
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: records if isinstance(records, PairDataset) else
-                            PairDataset(self._tokenize(records, f"eval_dataset[{name!r}]"))
-                            for name, records in eval_dataset.items()}
-        elif eval_dataset is not None and not isinstance(eval_dataset, (PairDataset, str)):  # str: a set's name
-            eval_dataset = PairDataset(self._tokenize(eval_dataset, "eval_dataset"))
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-
-    def _tokenize(self, records, source: str):
-        from preftune.data import build_datasets
-        from preftune.data.pipeline import records_to_raw
-        from preftune.engine.kinds import kind_for
-
-        config = self.preftune_groups
-        if config.loss.needs_reference and self.ref_model is None and self.reference_context is None:
-            raise ConfigError(f"{type(self).__name__}.evaluate({source}=...): the reference log-probs were "
-                              "precomputed and no live reference exists (full fine-tuning or a passed PeftModel); "
-                              "pass this dataset as eval_dataset when building the trainer")
-        kind = kind_for(self.model)
-        data = build_datasets(config.data, self.processing_class, seed=self.args.seed,
-                              train_raw=records_to_raw(records, source), **kind.tokenize_options(self.model))
-        return kind.prepare_data(data).train
-
     # ---- saving -----------------------------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` (adapter or model + tokenizer), plus — on a user's call — the resolved
@@ -251,12 +235,14 @@ class CPOTrainer(_PolicyTrainer):
     """TRL 1.16's ``CPOTrainer`` signature on preftune (CPO, SimPO, CPO-SimPO; :class:`CPOConfig`)."""
 
     _config_class = CPOConfig
+    _row_class = EncodedRow
 
 
 class ORPOTrainer(_PolicyTrainer):
     """TRL 1.16's ``ORPOTrainer`` signature on preftune (:class:`ORPOConfig`)."""
 
     _config_class = ORPOConfig
+    _row_class = EncodedRow
 
 
 class DPOTrainer(_TRLTrainer):
@@ -270,6 +256,7 @@ class DPOTrainer(_TRLTrainer):
     """
 
     _config_class = DPOConfig
+    _row_class = DPORow
     _router_loss_when_declared = True
 
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, data_collator=None,
@@ -289,6 +276,8 @@ class RewardTrainer(_TRLTrainer):
     """
 
     _config_class = RewardConfig
+    _tag_names = ["trl", "reward-trainer"]
+    _row_class = RewardRow
 
     def __init__(self, model=None, args: Optional[RewardConfig] = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
@@ -298,4 +287,24 @@ class RewardTrainer(_TRLTrainer):
                     peft_config, _unsupported(data_collator=data_collator, compute_metrics=compute_metrics,
                                               optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
                                               preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                                              quantization_config=quantization_config), legacy)
+
+
+class KTOTrainer(_TRLTrainer):
+    """TRL 1.16's ``KTOTrainer`` signature on preftune's KTO (:class:`KTOConfig`; ``loss_type`` ``kto`` or
+    ``apo_zero_unpaired``).
+
+    ``train_dataset``: unpaired records (``prompt`` / ``completion`` / ``label``, standard or conversational,
+    or ms-swift / LLaMA-Factory ``messages`` + ``label``) or preference pairs, unpaired as TRL does
+    (:mod:`preftune.data.unpaired`). The reference is as for :class:`DPOTrainer`.
+    """
+
+    _config_class = KTOConfig
+    _router_loss_when_declared = True
+
+    def __init__(self, model=None, ref_model=None, args: Optional[KTOConfig] = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None, **legacy):
+        self._build(model, ref_model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+                    peft_config, _unsupported(data_collator=data_collator, compute_metrics=compute_metrics,
                                               quantization_config=quantization_config), legacy)

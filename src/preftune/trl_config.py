@@ -60,9 +60,12 @@ class _TRLConfig(PreftuneTrainingArguments):
     # model
     model_init_kwargs: Optional[Union[dict, str]] = field(
         default=None, metadata=_help("from_pretrained keywords for a model given by name: dtype (or torch_dtype), "
-                                     "attn_implementation, trust_remote_code."))
+                                     "attn_implementation (None: the model's default), trust_remote_code, "
+                                     "revision, device_map ... (passed as given)."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow custom model code from the Hub."))
     disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability to 0 (LoRA's too)."))
+    chat_template_path: Optional[str] = field(
+        default=None, metadata=_help("Chat template for the tokenizer: a Jinja file, or a tokenizer's directory / id."))
     # data
     dataset_num_proc: Optional[int] = field(
         default=None, metadata=_help("Accepted for TRL scripts; tokenisation runs in-process."))
@@ -215,16 +218,16 @@ class DPOConfig(_TRLConfig):
     preftune's ``dpo_loss_type`` / ``loss_weights``; ``[<type>, "sft"]`` with weights ``[1, w]`` is RPO,
     preftune's ``rpo_alpha`` = ``w`` (Pang et al. 2024, arXiv 2404.19733); ``["sft"]`` alone is preftune's
     ``sft``. ``rpo_alpha`` (older TRL releases) is accepted too. ``f_divergence_type`` /
-    ``f_alpha_divergence_coef`` (f-DPO) and ``discopop_tau`` as in TRL; ``ld_alpha``, ``use_weighting``
-    and ``sync_ref_model`` are not implemented (refused). ``precompute_ref_log_probs`` defaults to True here (TRL: False): the reference
+    ``f_alpha_divergence_coef`` (f-DPO), ``discopop_tau``, ``ld_alpha`` (LD-DPO), ``use_weighting`` (WPO) and
+    ``sync_ref_model`` / ``ref_model_mixup_alpha`` / ``ref_model_sync_steps`` (TR-DPO; also with LoRA and
+    precomputed reference log-probs, which TRL refuses) as in TRL. ``precompute_ref_log_probs`` defaults to True here (TRL: False): the reference
     log-probs are computed once before training (cached on disk) instead of in every step — the same
     numbers (``tests/test_train.py``).
     """
 
     _trainer_name: ClassVar[str] = "DPO"
     _unsupported: ClassVar[dict[str, Any]] = {
-        **_TRLConfig._unsupported, "ld_alpha": None, "use_weighting": False,
-        "sync_ref_model": False, "activation_offloading": False, "pad_token": None}
+        **_TRLConfig._unsupported, "activation_offloading": False, "pad_token": None}
 
     truncation_mode: str = field(default="keep_start", metadata=_help("Prompt truncation: keep_start or keep_end."))
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
@@ -238,22 +241,27 @@ class DPOConfig(_TRLConfig):
         default=None, metadata=_help("Pairs per reference batch (default per_device_eval_batch_size)."))
     pad_to_multiple_of: Optional[int] = field(
         default=None, metadata=_help("Accepted for TRL scripts; preftune's engine packs pairs without padding."))
-    ld_alpha: Optional[float] = field(default=None, metadata=_help("LD-DPO; not supported."))
+    ld_alpha: Optional[float] = field(default=None, metadata=_help("LD-DPO: weight of tokens beyond the shared length."))
     f_divergence_type: str = field(default="reverse_kl", metadata=_help(
         "f-DPO: reverse_kl, forward_kl, js_divergence or alpha_divergence."))
     f_alpha_divergence_coef: float = field(default=0.5, metadata=_help("f-DPO: alpha_divergence's coefficient."))
-    use_weighting: bool = field(default=False, metadata=_help("WPO weighting; not supported."))
+    use_weighting: bool = field(default=False, metadata=_help("WPO: weigh each pair by its aligned probability."))
     discopop_tau: float = field(default=0.05, metadata=_help("DiscoPOP's temperature (loss_type discopop)."))
     activation_offloading: bool = field(default=False, metadata=_help("Not supported."))
-    sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO; not supported."))
-    ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO; unused."))
-    ref_model_sync_steps: int = field(default=512, metadata=_help("TR-DPO; unused."))
+    sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO: the reference follows the policy."))
+    ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO: ref <- a policy + (1 - a) ref."))
+    ref_model_sync_steps: int = field(default=512, metadata=_help("TR-DPO: steps between reference updates."))
     pad_token: Optional[str] = field(default=None, metadata=_help("Deprecated in TRL; set tokenizer.pad_token."))
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         super().__post_init__()
+
+    def _sync_fields(self) -> dict[str, Any]:
+        # TR-DPO's two parameters are read with sync_ref_model only (TRL ignores them without it)
+        return {"sync_ref_model": True, "ref_model_mixup_alpha": self.ref_model_mixup_alpha,
+                "ref_model_sync_steps": self.ref_model_sync_steps} if self.sync_ref_model else {}
 
     def loss_fields(self) -> dict[str, Any]:
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -267,16 +275,19 @@ class DPOConfig(_TRLConfig):
                               f"{', '.join(DPO_LOSS_TYPES)}")
         if types == ["sft"]:
             return {"loss": "sft", "label_smoothing": self.label_smoothing, "loss_weights": None,
-                    "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}
+                    "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05,
+                    "ld_alpha": self.ld_alpha, "use_weighting": self.use_weighting, **self._sync_fields()}
         rpo_alpha = self.rpo_alpha
         if "sft" in types and rpo_alpha is not None:
             raise ConfigError("give the NLL weight once: rpo_alpha or loss_type [..., 'sft'], not both")
-        problem = dpo_options_problem(types, weights, self.label_smoothing, self.f_divergence_type, self.discopop_tau)
+        problem = dpo_options_problem(types, weights, self.label_smoothing, self.f_divergence_type, self.discopop_tau,
+                                      ld_alpha=self.ld_alpha, use_weighting=self.use_weighting)
         if problem is not None:  # in TRL's field names
             raise ConfigError(problem.replace("--dpo_loss_type", "loss_type").replace("--", ""))
         loss = {"beta": self.beta, "label_smoothing": self.label_smoothing, "loss": "dpo",
                 "f_divergence_type": self.f_divergence_type, "f_alpha_divergence_coef": self.f_alpha_divergence_coef,
-                "discopop_tau": self.discopop_tau}
+                "discopop_tau": self.discopop_tau, "ld_alpha": self.ld_alpha, "use_weighting": self.use_weighting,
+                **self._sync_fields()}
         if len(types) == 2 and types[1] == "sft" and types[0] != "sft" and weights[0] == 1.0:
             # RPO as TRL 1.16 writes it: preftune's rpo_alpha (the same numbers)
             return {**loss, "dpo_loss_type": types[0], "loss_weights": None, "rpo_alpha": weights[1]}
@@ -296,7 +307,7 @@ class RewardConfig(_TRLConfig):
 
     _trainer_name: ClassVar[str] = "Reward"
     _unsupported: ClassVar[dict[str, Any]] = {
-        **_TRLConfig._unsupported, "chat_template_path": None, "eos_token": None, "activation_offloading": False,
+        **_TRLConfig._unsupported, "eos_token": None, "activation_offloading": False,
         "pad_token": None}
 
     learning_rate: float = field(default=1e-4, metadata=_help("Initial AdamW learning rate (TRL's 1e-4)."))
@@ -305,10 +316,50 @@ class RewardConfig(_TRLConfig):
         default=None, metadata=_help("Weight of the reward-centering term (TRL recommends 0.01)."))
     pad_to_multiple_of: Optional[int] = field(
         default=None, metadata=_help("Accepted for TRL scripts; preftune's engine packs pairs without padding."))
-    chat_template_path: Optional[str] = field(default=None, metadata=_help("Not supported (set the tokenizer's)."))
     eos_token: Optional[str] = field(default=None, metadata=_help("Not supported (the tokenizer's eos is used)."))
     activation_offloading: bool = field(default=False, metadata=_help("Not supported."))
     pad_token: Optional[str] = field(default=None, metadata=_help("Deprecated in TRL; set tokenizer.pad_token."))
 
     def loss_fields(self) -> dict[str, Any]:
         return {"loss": "rm", "beta": self.beta, "center_rewards_coefficient": self.center_rewards_coefficient}
+
+
+@negatable_bools
+@dataclass
+class KTOConfig(_TRLConfig):
+    """TRL 1.16's ``KTOConfig`` on preftune's ``kto`` / ``apo_zero_unpaired`` losses (KTO: Ethayarajh et al.
+    2024, arXiv 2402.01306, Eq. 7; APO-zero unpaired: D'Oosterlinck et al. 2024, arXiv 2408.06266).
+
+    ``loss_type``: ``kto`` or ``apo_zero_unpaired``; ``desirable_weight`` / ``undesirable_weight`` as in TRL.
+    ``train_sampling_strategy`` defaults to ``sequential`` as in TRL (each example's KL partner is the
+    completion of its neighbour in its block of ``per_device_train_batch_size``; preftune fixes the partners
+    before training, so another strategy is accepted too). ``precompute_ref_log_probs`` defaults to True here
+    (TRL: False), as for :class:`DPOConfig`: the same numbers, computed once.
+    """
+
+    _trainer_name: ClassVar[str] = "KTO"
+    _unsupported: ClassVar[dict[str, Any]] = {
+        **_TRLConfig._unsupported, "sync_ref_model": False, "activation_offloading": False}
+
+    train_sampling_strategy: str = field(default="sequential", metadata=_help(
+        "Batch order: sequential (TRL's KTO default), random or group_by_length."))
+    truncation_mode: str = field(default="keep_start", metadata=_help("Prompt truncation: keep_start or keep_end."))
+    loss_type: str = field(default="kto", metadata=_help("kto or apo_zero_unpaired."))
+    desirable_weight: float = field(default=1.0, metadata=_help("Weight of the desirable examples' losses."))
+    undesirable_weight: float = field(default=1.0, metadata=_help("Weight of the undesirable examples' losses."))
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata=_help("Reference log-probs once before training (preftune's default; TRL: False)."))
+    precompute_ref_batch_size: Optional[int] = field(
+        default=None, metadata=_help("Examples per reference batch (default per_device_eval_batch_size)."))
+    pad_to_multiple_of: Optional[Union[int, str]] = field(
+        default=None, metadata=_help("Accepted for TRL scripts; preftune's engine packs examples without padding."))
+    activation_offloading: bool = field(default=False, metadata=_help("Not supported."))
+    sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO for KTO; not supported."))
+    ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO; unused."))
+    ref_model_sync_steps: int = field(default=512, metadata=_help("TR-DPO; unused."))
+
+    def loss_fields(self) -> dict[str, Any]:
+        if self.loss_type not in ("kto", "apo_zero_unpaired"):
+            raise ConfigError(f"loss_type {self.loss_type!r} is not supported; give kto or apo_zero_unpaired")
+        return {"loss": self.loss_type, "beta": self.beta, "desirable_weight": self.desirable_weight,
+                "undesirable_weight": self.undesirable_weight}

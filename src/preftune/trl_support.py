@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -26,13 +27,14 @@ LEGACY_KEYWORDS["max_target_length"] = "max_completion_length"
 UNSUPPORTED_ARGS = {
     "data_collator": "preftune's engine lays out the batch itself (shared prompt, packing)",
     "preprocess_logits_for_metrics": "the engine never materialises [B, T, V] logits",
-    "compute_metrics": "the engine never materialises logits; the metrics are TRL's rewards/logps set",
     "model_init": "pass the model (a name/path or a loaded model)",
     "optimizer_cls_and_kwargs": "pass optimizers=(optimizer, scheduler) or the config's optim field",
-    "quantization_config": "for QLoRA use `preftune train --load_in_4bit` (4-bit NF4 through bitsandbytes)",
+    "quantization_config": "with a loaded model (it quantises a model loaded by name; or use `preftune train "
+                           "--load_in_4bit`)",
 }
 
-MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code", "revision")
+# model_init_kwargs preftune reads itself; every other key goes to from_pretrained as given (revision, device_map ...)
+MODEL_INIT_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
 # LoraConfig fields honoured (-> PeftArguments) and fields without effect on training
 _LORA_HONOURED = ("r", "lora_alpha", "lora_dropout", "target_modules")
 _LORA_NO_EFFECT = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -71,23 +73,36 @@ def training_fields(args) -> dict[str, Any]:
             if f.init and not f.name.startswith("_") and f.name not in skip}
 
 
-def resolve_model(model: Any, args: Any, *, reward: bool, where: str):
-    """``(model, ModelArguments)`` from a trainer's ``model``: a name/path is loaded (with
-    ``args.model_init_kwargs`` as TRL's scripts pass them, :func:`model_init_arguments`) as a causal LM,
-    or for a reward model as a sequence classifier with one label; a loaded model is described (its
-    ``name_or_path``, dtype and attention kernel) and used as it is.
+def model_init(args: Any, quantization_config: Any, where: str) -> dict[str, Any]:
+    """``args.model_init_kwargs`` with the trainer's ``quantization_config`` added (TRL forwards both to
+    ``from_pretrained``). Raises :class:`ConfigError` when both set ``quantization_config``."""
+    init = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in init:
+            raise ConfigError(f"{where}: quantization_config given both to the trainer and in model_init_kwargs")
+        init["quantization_config"] = quantization_config
+    return init
 
-    Raises :class:`ConfigError` for ``model_init_kwargs`` preftune cannot honour, ``model_init_kwargs``
-    with a loaded model, or (reward) a loaded model that is not a one-label sequence classifier.
+
+def resolve_model(model: Any, init: dict[str, Any], args: Any, *, reward: bool, where: str):
+    """``(model, ModelArguments)`` from a trainer's ``model``: a name/path is loaded (with the
+    ``model_init_kwargs`` ``init`` as TRL forwards them: :func:`model_init_arguments`, the other keys
+    passed to ``from_pretrained`` as given) as a causal LM, or for a reward model as a sequence classifier
+    with one label; a loaded model is described (its ``name_or_path``, dtype and attention kernel) and used
+    as it is.
+
+    Raises :class:`ConfigError` for ``model_init_kwargs`` with a loaded model, or (reward) a loaded model that
+    is not a one-label sequence classifier; :class:`~preftune.errors.ModelLoadError` as loading does.
     """
     from preftune.models import load_model
 
-    init = dict(args.model_init_kwargs or {})
     if isinstance(model, str):
         model_args = model_init_arguments(model, init, args.trust_remote_code, where)
-        return load_model(model_args, training=True, reward_model=reward), model_args
+        return load_model(model_args, training=True, reward_model=reward,
+                          from_pretrained_kwargs=model_init_extras(init)), model_args
     if init:
-        raise ConfigError(f"{where}: model_init_kwargs given but the model is already loaded")
+        raise ConfigError(f"{where}: model_init_kwargs (or quantization_config) given but the model is already "
+                          "loaded; pass its name, or load it with those keywords yourself")
     if reward and getattr(getattr(model, "config", None), "num_labels", None) != 1:
         raise ConfigError(f"{where}: a reward model needs a sequence classifier with one label "
                           "(AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)), or its name")
@@ -103,35 +118,32 @@ def model_init_arguments(name: str, init: dict[str, Any], trust_remote_code: boo
     """:class:`ModelArguments` for loading ``name`` with TRL's ``model_init_kwargs`` ``init``, as
     ``from_pretrained`` reads them: ``dtype`` / ``torch_dtype`` (a name, a ``torch.dtype`` or ``"auto"``;
     None: float32, TRL's default), ``attn_implementation`` (None or absent: the model's own default, sdpa
-    where its class supports it, else eager, as transformers chooses), ``trust_remote_code``, and
-    ``revision`` (None or ``"main"``, the default branch, which is what preftune loads).
-
-    Raises :class:`ConfigError` for another revision (preftune loads offline: pass the directory of that
-    revision) or another key.
+    where its class supports it, else eager, as transformers chooses), ``trust_remote_code``. The other
+    keys (:func:`model_init_extras`: ``revision``, ``device_map`` ...) go to ``from_pretrained`` as given.
     """
-    unknown = sorted(set(init) - set(MODEL_INIT_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: model_init_kwargs {unknown} not supported; use {', '.join(MODEL_INIT_KEYS)}")
-    revision = init.get("revision")
-    if revision not in (None, "main"):
-        raise ConfigError(f"{where}: model_init_kwargs revision={revision!r}: preftune loads the default branch "
-                          "(main) only; download that revision and pass its directory as the model")
     dtype = init.get("dtype", init.get("torch_dtype"))
     dtype = "float32" if dtype is None else str(dtype).replace("torch.", "")
     trust = bool(init.get("trust_remote_code", trust_remote_code))
-    attn = init.get("attn_implementation") or default_attention(name, trust)
+    attn = init.get("attn_implementation") or default_attention(name, trust, init.get("revision"))
     return ModelArguments(model_name_or_path=name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
 
 
-def default_attention(name: str, trust_remote_code: bool) -> str:
-    """The attention kernel ``from_pretrained`` picks for ``name`` when none is asked for: sdpa where the
-    model's class supports it, else eager (GPT-OSS ...). sdpa when the class cannot be told (custom code,
-    a GGUF file, no config yet): loading then says what is wrong."""
+def model_init_extras(init: dict[str, Any]) -> dict[str, Any]:
+    """The ``model_init_kwargs`` passed to ``from_pretrained`` as given: every key but those
+    :func:`model_init_arguments` reads (``revision`` None dropped: the default branch)."""
+    return {k: v for k, v in init.items() if k not in MODEL_INIT_KEYS and not (k == "revision" and v is None)}
+
+
+def default_attention(name: str, trust_remote_code: bool, revision: Optional[str] = None) -> str:
+    """The attention kernel ``from_pretrained`` picks for ``name`` (at ``revision``) when none is asked for:
+    sdpa where the model's class supports it, else eager (GPT-OSS ...). sdpa when the class cannot be told
+    (custom code, a GGUF file, no config yet): loading then says what is wrong."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                            **({"revision": revision} if revision else {}))
         model_class = MODEL_MAPPING[type(config)]
     except Exception:  # noqa: BLE001 - any failure here is reported by the loading itself
         return "sdpa"
@@ -175,11 +187,12 @@ def _targets(value: Any) -> list[str]:
 def lora_to_peft_args(peft_config: Any, model: torch.nn.Module, *, reward: bool = False) -> PeftArguments:
     """A peft ``LoraConfig`` as :class:`PeftArguments` (r, lora_alpha, lora_dropout, target_modules;
     ``target_modules=None`` becomes peft's default for the model type, e.g. ``q_proj, v_proj`` for Llama).
+    A reward model's ``task_type`` and ``modules_to_save`` go to peft as given (:func:`lora_choices`).
 
     Raises :class:`ConfigError` for another peft config type, a task type other than ``CAUSAL_LM``
     (``SEQ_CLS`` for a reward model), a regex ``target_modules`` string, or any other LoRA option set
-    away from peft's default (DoRA, rsLoRA, ``bias``, ``modules_to_save`` other than a reward model's
-    ``["score"]`` ...): preftune's LoRA does not apply those.
+    away from peft's default (DoRA, rsLoRA, ``bias``, a policy's ``modules_to_save`` ...): preftune's LoRA
+    does not apply those.
     """
     from peft import LoraConfig
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
@@ -196,8 +209,8 @@ def lora_to_peft_args(peft_config: Any, model: torch.nn.Module, *, reward: bool 
         value = getattr(peft_config, key)
         if key in _LORA_HONOURED + _LORA_NO_EFFECT or value == getattr(default, key):
             continue
-        if reward and key == "modules_to_save" and list(value) == ["score"]:
-            continue  # preftune trains the reward head fully anyway
+        if reward and key == "modules_to_save":
+            continue  # peft's own choice (lora_choices)
         odd.append(f"{key}={value!r}")
     if odd:
         raise ConfigError(f"peft_config: {', '.join(odd)} not supported by preftune's LoRA (it honours "
@@ -221,3 +234,45 @@ def peft_args_of(peft_model: Any) -> PeftArguments:
     cfg = peft_model.peft_config[peft_model.active_adapter]
     return PeftArguments(use_peft=True, lora_r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                          lora_target_modules=_targets(cfg.target_modules))
+
+
+def lora_choices(peft_config: Any, *, reward: bool) -> dict[str, Any]:
+    """:func:`preftune.models.apply_peft`'s ``task_type`` / ``modules_to_save`` for a user's ``LoraConfig``:
+    for a reward model, the config's own (peft then decides what trains, as under TRL: task ``SEQ_CLS``
+    adds the head ``score`` to ``modules_to_save``, ``LoraConfig()`` leaves it frozen); {} (the model
+    kind's choice) for a policy."""
+    if not reward:
+        return {}
+    saved = peft_config.modules_to_save
+    return {"task_type": getattr(peft_config.task_type, "value", peft_config.task_type),
+            "modules_to_save": list(saved) if saved else None}
+
+
+def apply_chat_template_path(processing_class: Any, path: Optional[str], where: str) -> None:
+    """TRL's ``chat_template_path``: the chat template of a file (Jinja text) or of the tokenizer in a
+    directory / Hub id, set on ``processing_class``. Unlike TRL, no tokens are added to the vocabulary (a
+    template that needs new special tokens: add them to the tokenizer and model yourself).
+
+    Raises :class:`ConfigError` when ``path`` is neither a readable file nor a tokenizer with a template.
+    """
+    if path is None:
+        return
+    if Path(path).is_file():
+        template = Path(path).read_text(encoding="utf-8")
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            template = AutoTokenizer.from_pretrained(path).chat_template
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{where}: chat_template_path {path!r}: not a file and no tokenizer there "
+                              f"({str(err).splitlines()[0]})") from None
+        if not template:
+            raise ConfigError(f"{where}: chat_template_path {path!r}: that tokenizer has no chat template")
+    processing_class.chat_template = template
+
+
+def add_model_tags(model: Any, tags: list[str]) -> None:
+    """TRL's ``model.add_model_tags(tags)`` (the tags land in the model card), where the model has it."""
+    if hasattr(model, "add_model_tags"):
+        model.add_model_tags(tags)

@@ -34,7 +34,8 @@ logger = logging.getLogger("preftune.models")
 
 
 def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bit: bool = False,
-               reward_model: bool = False, quantization: Optional[PeftArguments] = None):
+               reward_model: bool = False, quantization: Optional[PeftArguments] = None,
+               from_pretrained_kwargs: Optional[dict] = None):
     """Load the model named by ``model_args`` (Hub id, directory, .gguf file or the default).
 
     The class follows the config (:func:`preftune.models.arch.loading_kind`): encoder–decoder models
@@ -54,6 +55,8 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
         load_in_4bit: QLoRA 4-bit NF4 base weights (bitsandbytes) with the default options.
         quantization: the ``--load_in_4bit`` / ``--load_in_8bit`` / ``--bnb_4bit_*`` options of these
             arguments (:mod:`preftune.models.quant`; CPU or CUDA); wins over ``load_in_4bit``.
+        from_pretrained_kwargs: more ``from_pretrained`` keywords, passed as given over preftune's own
+            (``revision``, ``device_map``, ``quantization_config`` ...: TRL's ``model_init_kwargs``).
 
     Returns:
         A ``PreTrainedModel`` without any quantisation marker (unless quantised).
@@ -78,6 +81,7 @@ def load_model(model_args: ModelArguments, *, training: bool = True, load_in_4bi
     check_weight_files(source, model_args.allow_pickle_weights)
     if not model_args.allow_pickle_weights:
         kwargs["use_safetensors"] = True  # a Hub repo with pickle weights only is refused the same way
+    kwargs.update(from_pretrained_kwargs or {})
     with kind.loading():
         model = from_pretrained(
             auto_class(kind), "model", model_args, source, dtype=torch_dtype(model_args.dtype),

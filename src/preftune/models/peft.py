@@ -36,7 +36,11 @@ class ReferenceModelRequiredError(RuntimeError):
     """A reference policy was asked of a model that has no adapter to switch off."""
 
 
-def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False):
+_KIND = object()  # apply_peft: the model kind's choice
+
+
+def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool = False, task_type=_KIND,
+               modules_to_save=_KIND):
     """Wrap ``model`` with LoRA (Hu et al. 2021, "LoRA": W + (alpha/r) B A) and return the ``PeftModel``.
 
     * ``peft_args.peft_model_id`` set: that adapter is loaded trainable (``is_trainable=True``) and its
@@ -51,6 +55,8 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
       ``all-linear`` leaves the head out — and the scalar head ``score`` trained fully,
       ``modules_to_save``), and where the targets are taken (vision–language: the language model
       only). A continued adapter must be of the kind's task (a reward model's ``SEQ_CLS`` or not).
+    * ``task_type`` / ``modules_to_save`` given: peft's task and modules trained in full as given instead
+      of the kind's (a reward model's ``LoraConfig`` through the TRL door: peft decides what trains).
 
     Raises:
         ModelLoadError: ``model`` is already a ``PeftModel``, or the adapter directory is missing.
@@ -75,9 +81,13 @@ def apply_peft(model, peft_args: PeftArguments, *, with_reference_adapter: bool 
             setup_reference_adapter(peft_model, peft_args.peft_model_id)
         return fuse_lora_dropout(peft_model)
     target_modules = kind.lora_targets(model, resolve_target_modules(model, peft_args.lora_target_modules))
+    if task_type is _KIND:
+        task_type = kind.peft_task_type
+    if modules_to_save is _KIND:
+        modules_to_save = list(kind.modules_to_save) if kind.modules_to_save else None
     config = LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-                        target_modules=target_modules, task_type=kind.peft_task_type,
-                        bias="none", modules_to_save=list(kind.modules_to_save) if kind.modules_to_save else None)
+                        target_modules=target_modules, task_type=task_type, bias="none",
+                        modules_to_save=modules_to_save)
     return fuse_lora_dropout(get_peft_model(model, config, adapter_name=TRAIN_ADAPTER))
 
 
