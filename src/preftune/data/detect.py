@@ -6,7 +6,9 @@ types; other fields are ignored. When a record fits several signatures and one's
 are a strict subset of another's, the smaller one is dropped (``chosen``/``rejected`` strings with
 ``conversations`` are ShareGPT, not an implicit prompt). Each format then counts the records
 that fit it; the format fitting the most records is the file's format, every record is held to
-it (a record that does not fit gets an error naming its field). No record fitting any format, or
+it (a record that does not fit gets an error naming its field). A record holding token ids
+(``pretokenized``) is that format whatever text fields it also holds, as TRL's ``RewardTrainer``
+uses the ids when present. No record fitting any format, or
 two formats fitting equally many records, is an error listing the recognised field sets;
 ``--dataset_format NAME`` (or ``--columns old=new``) settles it.
 """
@@ -74,11 +76,17 @@ SIGNATURES = (
               _SHAREGPT_OPTIONAL),
     Signature("alpaca", (("instruction", STR), ("chosen", STR), ("rejected", STR)),
               ("input", "system", "history", "images")),
+    # token ids (preftune.data.pretokenized): TRL DPOTrainer's tokenised rows, RewardTrainer's whole sequences
+    # (chosen_ids / rejected_ids), and the older chosen_input_ids / rejected_input_ids (+ prompt_input_ids)
+    Signature("pretokenized", (("prompt_ids", LIST), ("chosen_ids", LIST), ("rejected_ids", LIST))),
+    Signature("pretokenized", (("chosen_ids", LIST), ("rejected_ids", LIST))),
+    Signature("pretokenized", (("chosen_input_ids", LIST), ("rejected_input_ids", LIST)), ("prompt_input_ids",)),
 )
+TOKEN_FORMAT = "pretokenized"  # token ids, when present, are what trains (TRL's RewardTrainer rule): text beside them is not read
 FORMATS = tuple(dict.fromkeys(s.format for s in SIGNATURES))
 ALIASES = {"swift": "swift3", "swift4": "swift3", "trl": "conversational", "llamafactory": "sharegpt",
            "sharegpt_ranking": "sharegpt", "alpaca_ranking": "alpaca", "query_response": "swift2",
-           "kto": "unpaired"}
+           "kto": "unpaired", "tokenized": "pretokenized", "token_ids": "pretokenized"}
 
 
 def canonical_format(name: str) -> Optional[str]:
@@ -101,6 +109,8 @@ def recognised_field_sets() -> str:
 def formats_of(record: dict) -> list[str]:
     """The formats whose most specific fitting signatures ``record`` fits (see the module docstring)."""
     fitting = [s for s in SIGNATURES if s.fits(record)]
+    if any(s.format == TOKEN_FORMAT for s in fitting):
+        return [TOKEN_FORMAT]
     kept = [s for s in fitting if not any(s.names < other.names for other in fitting)]
     return list(dict.fromkeys(s.format for s in kept))
 

@@ -27,13 +27,18 @@ The format of a file is detected from the field set and value types of all its r
 * ``unpaired``: KTO's records with one completion and a ``label`` (TRL's unpaired preference format,
   ms-swift / LLaMA-Factory KTO records), see :mod:`preftune.data.unpaired`; ``"label"`` is kept on
   the normalised record.
+* ``pretokenized``: token ids instead of text (TRL's tokenised rows), see
+  :mod:`preftune.data.pretokenized`; normalised to ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``.
 * ``swift2``, ``swift3``, ``sharegpt``, ``alpaca``: ms-swift and LLaMA-Factory data, converted to
   the conversational form by :mod:`preftune.data.ecosystems`.
 
 The output of :func:`normalise` is a list of ``{"prompt", "chosen", "rejected"}`` dicts (strings
 or message lists), ready for :func:`preftune.data.tokenize.tokenize_records`, plus ``"images"`` /
 ``"rejected_images"`` (resolved paths, :mod:`preftune.data.media`) and ``"margin"`` (swift 3.x,
-for reward models) where the data has them.
+for reward models) where the data has them. Message records keep each message's other keys
+(``tool_calls``, ``name`` ...) and the record's ``"tools"`` / ``"chat_template_kwargs"``
+(:meth:`preftune.data.validate.Here.template_args`), which the chat template gets at tokenisation
+(:mod:`preftune.data.render`), as TRL 1.16 passes them; text records do not use them (counted).
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ from .detect import FORMATS, Detection, canonical_format, detect, formats_of, re
 from .ecosystems import CONVERTERS, DESCRIPTIONS
 from .errors import DataError, where
 from .loading import RawData
-from .media import IMAGE_FIELDS, resolve_images
+from .media import IMAGE_FIELDS, record_images
+from .pretokenized import from_pretokenized, text_fields_beside
 from .unpaired import from_unpaired
-from .validate import Here
+from .validate import COMPLETION_ROLES, Here
 
 __all__ = ["FORMATS", "FormattedData", "detect_format", "normalise"]
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -91,6 +97,8 @@ class FormattedData:
                   "mt_triplets": f"ALMA-R translation triplets -> {self.kind} records",
                   "prompt_completion": (f"prompt/completion {'strings' if self.kind == 'text' else 'message lists'}, "
                                         "completion = chosen, no rejected answer: --loss sft only"),
+                  "pretokenized": "token ids as given (prompt_ids / chosen_ids / rejected_ids, or whole sequences "
+                                  "split at their shared leading tokens)",
                   "unpaired": (f"unpaired prompt/completion/label {'strings' if self.kind == 'text' else 'messages'} "
                                "(KTO: --loss kto / apo_zero_unpaired)")}.get(self.format)
         detail = detail or f"{DESCRIPTIONS[self.format]} -> message lists, chat template at tokenisation"
@@ -157,10 +165,14 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
         return out
     out = FormattedData(raw.source, fmt, "text", [], raw.locations, limit=raw.limit,
                         detection=detection.describe(), selection=raw.selection)
-    multi_turn = empty_reply = with_images = 0
+    multi_turn = empty_reply = with_images = unused_template = text_beside = 0
     for record, location in zip(raw.records, raw.locations):
         here = Here(raw.source, location, fmt, detection.first)
-        if fmt in CONVERTERS:
+        if fmt == "pretokenized":
+            out.kind = "tokens"
+            pair = from_pretokenized(here, record)
+            text_beside += text_fields_beside(record)
+        elif fmt in CONVERTERS:
             out.kind = "messages"
             pair = CONVERTERS[fmt](here, record)
         elif fmt == "standard":
@@ -194,7 +206,12 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
         with_images += _attach_images(here, record, pair, raw.base_dir)
         if fmt not in CONVERTERS and record.get("margin") is not None:
             pair["margin"] = record["margin"]  # reward-model margin (TRL / Llama 2); checked at tokenisation
-        out.identical += (pair["chosen"] == pair["rejected"] and "rejected_images" not in pair
+        template = here.template_args(record)  # tools / chat_template_kwargs: the chat template's, per record
+        if template and out.kind == "messages":
+            pair.update(template)
+        unused_template += bool(template) and out.kind != "messages"
+        side = "_ids" if fmt == "pretokenized" else ""
+        out.identical += (pair["chosen" + side] == pair["rejected" + side] and "rejected_images" not in pair
                           and fmt != "unpaired")
         out.records.append(pair)
     if empty_reply:
@@ -202,6 +219,12 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
     if multi_turn:
         out.notes.append(f"{multi_turn} pairs whose reply after the shared prompt holds a further {HUMAN_MARKER!r} "
                          "turn (kept as is)")
+    if unused_template:
+        out.notes.append(f"{unused_template} {out.kind} records with tools / chat_template_kwargs, which only a chat "
+                         "template reads (not used, as in TRL)")
+    if text_beside:
+        out.notes.append(f"{text_beside} records also hold text fields: their token ids are used as given, the text "
+                         "is not read (as TRL's RewardTrainer)")
     if with_images:
         out.notes.append(f"{with_images} records with images (need a vision-language processor at tokenisation)")
     return out
@@ -226,11 +249,8 @@ def _from_prompt_completion(here: Here, record: dict) -> dict:
 
 
 def _attach_images(here: Here, record: dict, pair: dict, base_dir: Optional[str]) -> bool:
-    """Resolve ``images`` / ``rejected_images`` onto ``pair``; check them against image parts."""
-    for name in IMAGE_FIELDS:
-        images = resolve_images(here, record, name, base_dir)
-        if images:
-            pair[name] = images
+    """Resolve ``images`` / ``image`` / ``rejected_images`` onto ``pair``; check them against image parts."""
+    pair.update(record_images(here, record, base_dir))
     if here.image_parts and "images" not in pair:
         raise here.fail("images", f"missing; the messages hold {here.image_parts} image parts")
     if here.image_parts and here.fmt == "conversational" and len(pair["images"]) != here.image_parts:
@@ -267,7 +287,8 @@ def _split_text(here: Here, chosen: str, rejected: str) -> dict:
 
 
 def _split_messages(here: Here, chosen: list[dict], rejected: list[dict]) -> dict:
-    """Message lists: prompt = common leading messages; the rest must be assistant messages."""
+    """Message lists: prompt = common leading messages (TRL's ``extract_prompt``), backed off so both
+    remainders start with an assistant message; the remainders hold assistant messages and tool results."""
     limit = min(len(chosen), len(rejected)) - 1  # leave at least one message on each side
     shared = next((i for i in range(limit) if chosen[i] != rejected[i]), max(limit, 0))
     while shared > 0 and (chosen[shared]["role"] != "assistant" or rejected[shared]["role"] != "assistant"):
@@ -277,9 +298,10 @@ def _split_messages(here: Here, chosen: list[dict], rejected: list[dict]) -> dic
                                   "implicit prompt needs two dialogues that share all but the last reply")
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         for index in range(shared, len(messages)):
-            if messages[index]["role"] != "assistant":
+            if messages[index]["role"] not in COMPLETION_ROLES[True]:
                 raise here.fail(f"{name}[{index}].role", f"{messages[index]['role']!r} after the shared messages; "
-                                "chosen and rejected must differ only in the final assistant reply")
+                                "chosen and rejected must differ only in the final assistant turn (assistant "
+                                "messages and their tool results)")
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 

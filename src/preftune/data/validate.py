@@ -20,6 +20,11 @@ from typing import Any, Optional
 from .errors import DataError, where
 
 ROLES = ("system", "user", "assistant", "tool")
+# roles a completion may hold: (first message, later messages)
+COMPLETION_ROLES = {False: ("assistant",), True: ("assistant", "tool")}
+# apply_chat_template keywords that preftune's rendering sets (data/render.py): not a record's to change
+RESERVED_TEMPLATE_KEYS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+                          "return_tensors", "padding", "truncation", "max_length", "return_assistant_tokens_mask")
 
 
 @dataclass
@@ -92,7 +97,15 @@ class Here:
         return turns
 
     def messages(self, record: dict, name: str, assistant_only: bool = False, value: Any = None) -> list[dict]:
-        """A non-empty list of ``{role, content}`` messages (roles :data:`ROLES`)."""
+        """A non-empty list of ``{role, content}`` messages (roles :data:`ROLES`).
+
+        Every other key of a message (``tool_calls``, ``name``, ``tool_call_id``, ``reasoning_content`` ...)
+        is kept as given, for the chat template (as TRL passes messages to it). An assistant message with
+        ``tool_calls`` (a non-empty list) may have no content (None or absent, kept as given).
+        ``assistant_only`` (a completion): the messages must be the model's turn, assistant messages
+        and the ``tool`` results of its calls, starting with an assistant message (TRL's tool-call
+        trajectories: call, result, answer).
+        """
         value = self.get(record, name) if value is None else value
         if not isinstance(value, list):
             raise self.fail(name, f"expected a list of messages ({self.fmt} format, detected from {self.first}), "
@@ -107,10 +120,59 @@ class Here:
             role = message.get("role")
             if role not in ROLES:
                 raise self.fail(label + ".role", f"{role!r} is not a valid role ({', '.join(ROLES)})")
-            if assistant_only and role != "assistant":
-                raise self.fail(label + ".role", f"{role!r}: completions must be assistant messages")
-            out.append({"role": role, "content": self.content(message.get("content"), label + ".content",
-                                                               allow_empty=role == "system")})
+            if assistant_only and role not in COMPLETION_ROLES[index > 0]:
+                raise self.fail(label + ".role", f"{role!r}: completions must be assistant messages (and the 'tool' "
+                                                 "results of its calls after the first)")
+            calls = self._tool_calls(message, label, role)
+            out.append(dict(message))
+            if not (calls and message.get("content") is None):
+                out[-1]["content"] = self.content(message.get("content"), label + ".content",
+                                                  allow_empty=role == "system" or bool(calls))
+        return out
+
+    def _tool_calls(self, message: dict, label: str, role: str) -> list:
+        """The message's ``tool_calls`` (``[]`` when absent or None); only an assistant message makes calls,
+        each a dict (``{"type": "function", "function": {"name", "arguments"}}`` as TRL / transformers write them)."""
+        calls = message.get("tool_calls")
+        if calls is None:
+            return []
+        if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+            raise self.fail(label + ".tool_calls", f"expected a list of tool-call objects, got {calls!r:.60}")
+        if calls and role != "assistant":
+            raise self.fail(label + ".tool_calls", f"tool calls on a {role!r} message; only assistant messages make them")
+        return calls
+
+    def template_args(self, record: dict) -> dict:
+        """The record's ``tools`` and ``chat_template_kwargs``, checked, as the normalised record keeps them.
+
+        ``tools``: a list of tool schemas (dicts, e.g. ``transformers.utils.get_json_schema`` output) or a
+        JSON string of one (TRL reads both); passed to the chat template as ``tools=``.
+        ``chat_template_kwargs``: a dict (or a JSON string of one) of extra template variables for this
+        record, passed to ``apply_chat_template`` as keywords (TRL 1.16's per-row column); the keywords
+        preftune sets itself (:data:`RESERVED_TEMPLATE_KEYS`) are refused. Absent or None: left out.
+        Raises :class:`DataError` (file, record, field) for any other value.
+        """
+        out = {}
+        tools = record.get("tools")
+        if tools is not None:
+            if isinstance(tools, str):
+                tools = _parse_literal(tools) if tools.strip() else []
+            if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+                raise self.fail("tools", f"expected a list of tool schemas (objects) or a JSON string of one, got "
+                                         f"{record['tools']!r:.60}")
+            out["tools"] = tools
+        kwargs = record.get("chat_template_kwargs")
+        if kwargs is not None:
+            if isinstance(kwargs, str):
+                kwargs = _parse_literal(kwargs) if kwargs.strip() else {}
+            if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+                raise self.fail("chat_template_kwargs", f"expected an object of template variables, got "
+                                                        f"{record['chat_template_kwargs']!r:.60}")
+            for key in kwargs:
+                if key in RESERVED_TEMPLATE_KEYS:
+                    raise self.fail(f"chat_template_kwargs.{key}", "set by preftune when it renders the prompt and "
+                                                                   "the conversation; leave it out")
+            out["chat_template_kwargs"] = dict(kwargs)
         return out
 
     def content(self, content: Any, label: str, allow_empty: bool = False) -> Any:
