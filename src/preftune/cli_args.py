@@ -76,6 +76,9 @@ class PreftuneTrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Pairs per device in evaluation."})
     learning_rate: float = field(default=5e-6, metadata={"help": "Initial AdamW learning rate."})
     save_only_model: bool = field(default=False, metadata={"help": "Skip optimizer state in checkpoints."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout probability of the model (and LoRA's) to 0, as TRL's "
+                                "disable_dropout (its name and default; the TRL configs too)."})
     # run safety (preftune.guard, preftune.outputs; docs/reliability.md)
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Clear a --output_dir that holds an earlier run (refused by default)."})
@@ -214,12 +217,17 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
-        yaml_argv = _yaml_to_argv(loaded, str(path), _valid_names(groups))
-        argv = argv[1:]
-    from preftune.aliases import apply_aliases
+        from preftune.aliases import translate_yaml
 
-    # other tools' flags (ms-swift, ORPO scripts, ALMA) → preftune's; that tool's defaults go first
-    aliased = apply_aliases(argv, _valid_names(groups), preset=yaml_argv)
+        # a LLaMA-Factory config is read with its defaults; any other YAML takes the same names as the flags
+        cli = {t[2:].split("=", 1)[0] for t in argv[1:] if t.startswith("--")}
+        yaml_argv = translate_yaml(loaded, str(path), _valid_names(groups), cli)
+        argv = argv[1:]
+    from preftune.aliases import apply_aliases, suggestion
+
+    # other tools' flags (ms-swift, ORPO scripts, ALMA) → preftune's, from the YAML and the command line
+    # alike (the command line's come later and win); that tool's defaults go first
+    aliased = apply_aliases(yaml_argv + argv, _valid_names(groups), preset=yaml_argv)
     argv = aliased.argv
     valid_flags = sorted({"--" + n for n in _valid_names(groups)}
                          | {s for s in parser._option_string_actions if s.startswith("--no_")})
@@ -227,11 +235,12 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
         if token.startswith("--"):
             name = token.split("=", 1)[0]
             if name not in valid_flags and name not in ("--help",):
-                hint = difflib.get_close_matches(name, valid_flags, n=1)
-                raise ConfigError(f"unknown flag {name}" + (f"; did you mean {hint[0]}?" if hint else "")
+                hint = suggestion(name[2:], _valid_names(groups))
+                hint = hint and f"--{hint}" or next(iter(difflib.get_close_matches(name, valid_flags, n=1)), None)
+                raise ConfigError(f"unknown flag {name}" + (f"; did you mean {hint}?" if hint else "")
                                   + f" (see `{prog} --help`)")
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(aliased.defaults + yaml_argv + argv,
+        *parsed, remaining = parser.parse_args_into_dataclasses(aliased.defaults + argv,
                                                                 return_remaining_strings=True)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from exc

@@ -30,6 +30,7 @@ list); ALMA ``utils/arguments.py``, ``run_cpo_llmmt.py`` and ``runs/cpo_ft.sh`` 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -40,6 +41,9 @@ from preftune.errors import ConfigError
 
 from .alma import ALMA_ALIASES, ALMA_DEFAULTS, ALMA_MARKERS
 from .base import ALMA, ORPO, SWIFT, Alias, Context, flash_attention_tokens
+from .lf_v1 import is_v1, translate_v1
+from .llamafactory import KNOWN as LLAMAFACTORY_KEYS
+from .llamafactory import is_classic, translate_classic
 from .orpo_script import ORPO_ALIASES, ORPO_MARKERS, ORPO_SCRIPT_DEFAULTS
 from .swift import (
     RLHF_TYPES,
@@ -54,7 +58,7 @@ from .swift import (
 __all__ = [
     "ALIASES", "ALMA_DEFAULTS", "HELP_TITLE", "MARKERS", "ORPO_SCRIPT_DEFAULTS", "RLHF_TYPES", "RLHF_UNSUPPORTED",
     "SWIFT2_DEFAULTS_RELEASE", "SWIFT_DEFAULTS_RELEASE", "Alias", "AliasResult", "Context", "add_help_group",
-    "apply_aliases",
+    "apply_aliases", "suggestion", "translate_yaml",
 ]
 
 logger = logging.getLogger("preftune.aliases")
@@ -145,6 +149,63 @@ def apply_aliases(argv: Sequence[str], valid: set[str], preset: Sequence[str] = 
     for note in ctx.notes:
         logger.info("alias: %s", note)
     return AliasResult(defaults, out, tools, ctx.notes)
+
+
+def suggestion(name: str, valid: set[str], yaml: bool = False) -> Optional[str]:
+    """The closest known name to an unknown flag / YAML key ``name``: preftune's flags, the aliases that
+    apply, and for a YAML key LLaMA-Factory's keys too (``lora_rank`` is an alias of ``--lora_r``, never
+    "did you mean local_rank")."""
+    import difflib
+
+    names = set(valid) | {a.flag for a in ALIASES if _active(a, valid)}
+    if yaml:
+        names |= LLAMAFACTORY_KEYS
+    hint = difflib.get_close_matches(name, sorted(names), n=1)
+    return hint[0] if hint else None
+
+
+def translate_yaml(config: dict, source: str, valid: set[str], cli: set[str]) -> list[str]:
+    """A YAML config → flag tokens (they go before the command line's, which win).
+
+    A LLaMA-Factory config (v1 format: ``model`` with ``model_class`` / ``peft_config`` /
+    ``train_dataset`` ...; classic: ``stage``, ``finetuning_type``, ``pref_beta`` ...) is translated with
+    LLaMA-Factory's defaults (:mod:`~preftune.aliases.llamafactory`, :mod:`~preftune.aliases.lf_v1`), one
+    log line per translation; any other YAML takes preftune's flags and the aliases of the command
+    line (translated later by :func:`apply_aliases`, as on the command line). ``cli``: the flag names
+    given on the command line.
+
+    Raises:
+        ConfigError: an unknown key (with the closest known name), or a LLaMA-Factory key or stage
+            preftune cannot honour.
+    """
+    door = None
+    if is_v1(config, valid):
+        door = translate_v1(config, source, valid, cli)
+    elif is_classic(config, valid):
+        door = translate_classic(config, source, valid, cli)
+    if door is not None:
+        for note in door.notes:
+            logger.info("%s: %s", door.tool, note)
+        logger.info("%s config %s: read with %s's defaults where it leaves a setting out (flags given win)",
+                    door.tool, source, door.tool)
+        return door.tokens()
+    known = {a.flag for a in ALIASES if _active(a, valid) or a.noted}
+    argv: list[str] = []
+    for key, value in config.items():
+        if key not in valid and key not in known:
+            hint = suggestion(str(key), valid, yaml=True)
+            raise ConfigError(f"{source}: unknown key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
 
 
 def _tool_defaults(tool: str, flags: set[str], ctx: Context) -> list[str]:

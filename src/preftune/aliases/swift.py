@@ -13,7 +13,21 @@ from preftune.errors import ConfigError
 from preftune.losses import LOSS_NAMES
 from preftune.losses.table import losses_reading, nll_weight_owners
 
-from .base import ALMA, SWIFT, TRUE, Alias, Context, flash, mapping, one, rename
+from .base import (
+    ALMA,
+    SWIFT,
+    TRUE,
+    Alias,
+    Context,
+    as_bool,
+    flash,
+    flash_attention_tokens,
+    ignored,
+    mapping,
+    one,
+    rename,
+)
+from .deepspeed import ZERO_NAMES, convert_deepspeed
 
 SWIFT_DEFAULTS_RELEASE = "4.5.2"  # `swift rlhf` defaults followed for a swift 3.x / 4.x command line
 SWIFT2_DEFAULTS_RELEASE = "2.6.1"  # ... and for a swift 2.x one (flags that only swift 2.x has)
@@ -59,8 +73,41 @@ def _quantization_bit(name: str, given: list[str], ctx: Context) -> list[str]:
 
 def _attn_impl(name: str, given: list[str], ctx: Context) -> list[str]:
     value = one(name, given)
-    kernel = {"flash_attn": "flash_attention_2"}.get(value, value)
+    kernel = {"flash_attn": "flash_attention_2", "flash_attention_3": "flash_attention_2"}.get(value, value)
+    if kernel == "flash_attention_2":  # the default kernel, in one line, where flash-attn is not installed
+        return flash_attention_tokens(f"{name} {value}", True, ctx)
     return mapping(name, given, "attn_implementation", [kernel], ctx)
+
+
+def _freeze_aligner(name: str, given: list[str], ctx: Context) -> list[str]:
+    frozen = as_bool(name, given)
+    tower = ctx.value("freeze_vision_tower", "true").lower() in TRUE
+    if frozen == tower:
+        ctx.notes.append(f"--{name} {str(frozen).lower()}: the projector follows --freeze_vision_tower "
+                         f"{str(tower).lower()} in preftune (frozen or trained together with the vision tower)")
+        return []
+    raise ConfigError(f"--{name} {str(frozen).lower()} with --freeze_vision_tower {str(tower).lower()}: preftune freezes "
+                      "or trains the vision tower and its projector together; give both the same value")
+
+
+def _freeze_llm(name: str, given: list[str], ctx: Context) -> list[str]:
+    if as_bool(name, given):
+        raise ConfigError(f"--{name} true: preftune always trains the language model (LoRA or all weights); drop it")
+    ctx.notes.append(f"--{name} false: the language model is trained (preftune's only mode)")
+    return []
+
+
+def _truncation_strategy(name: str, given: list[str], ctx: Context) -> list[str]:
+    value = one(name, given)
+    if value == "delete":  # swift's default: a sample over --max_length is dropped
+        ctx.notes.append(f"--{name} delete: preftune cuts an over-long pair's prompt from the start (--truncation_mode "
+                         "keep_end) and its completions at the end, counted in the data report, instead of dropping it")
+        return []
+    modes = {"left": "keep_end", "right": "keep_start"}
+    if value not in modes:
+        raise ConfigError(f"--{name} {value!r}: preftune supports delete, left (--truncation_mode keep_end) and right "
+                          "(keep_start)")
+    return mapping(name, given, "truncation_mode", [modes[value]], ctx)
 
 
 def _rlhf_type(name: str, given: list[str], ctx: Context) -> list[str]:
@@ -131,6 +178,23 @@ SWIFT_ALIASES: tuple[Alias, ...] = (
     rename("torch_dtype", "dtype", (SWIFT, ALMA), "→ --dtype", metavar="DTYPE"),
     Alias("attn_impl", (SWIFT,), "→ --attn_implementation (flash_attn = flash_attention_2)", _attn_impl, "KERNEL",
           targets=("attn_implementation",)),
+    Alias("freeze_aligner", (SWIFT,), "the vision projector: frozen / trained with --freeze_vision_tower (the same "
+          "value; preftune does both together)", _freeze_aligner, "BOOL"),
+    Alias("freeze_llm", (SWIFT,), "false only: preftune always trains the language model", _freeze_llm, "BOOL"),
+    rename("freeze_vit", "freeze_vision_tower", (SWIFT,), "→ --freeze_vision_tower", boolean=True, metavar="BOOL"),
+    rename("packing", "padding_free", (SWIFT,), "→ --padding_free (pairs packed into rows without padding; preftune's "
+           "default)", boolean=True, metavar="BOOL"),
+    Alias("truncation_strategy", (SWIFT,), "left → --truncation_mode keep_end, right → keep_start; delete (swift's "
+          "default): logged, preftune truncates instead", _truncation_strategy, "{delete,left,right}",
+          targets=("truncation_mode",)),
+    Alias("deepspeed", (SWIFT,), f"{', '.join(ZERO_NAMES)}: ms-swift's DeepSpeed configurations, written by preftune "
+          "(without the deepspeed package: one line, trained without it); a file is used as given", convert_deepspeed,
+          noted=True),
+    ignored("load_from_cache_file", (SWIFT,), "preftune keeps no cache of tokenised data (it tokenises on every run)"),
+    ignored("dataset_num_proc", (SWIFT,), "preftune tokenises in the training process"),
+    ignored("lazy_tokenize", (SWIFT,), "preftune tokenises the whole data set before training"),
+    ignored("dataset_shuffle", (SWIFT,), "the training sampler shuffles every epoch (seeded by --seed)"),
+    ignored("use_hf", (SWIFT,), "preftune reads local files and the Hugging Face Hub only"),
     Alias("use_flash_attn", (SWIFT,), "swift 2.x: as --use_flash_attention", flash, "BOOL",
           targets=("attn_implementation",)),
     Alias("quantization_bit", (SWIFT,), "4 → --load_in_4bit true, 8 → --load_in_8bit true (bitsandbytes)",
@@ -140,7 +204,8 @@ SWIFT_ALIASES: tuple[Alias, ...] = (
 # Flags that only swift has: a command line with one of them is swift's (and gets its defaults).
 SWIFT_MARKERS = ("rlhf_type", "sft_type", "train_type", "tuner_type", "model_type", "model_id_or_path", "val_dataset",
                  "split_dataset_ratio", "dataset_test_ratio", "quantization_bit", "attn_impl", "use_flash_attn",
-                 "lora_dropout_p")
+                 "lora_dropout_p", "load_from_cache_file", "dataset_num_proc", "freeze_vit", "freeze_aligner", "freeze_llm",
+                 "truncation_strategy", "lazy_tokenize", "use_hf")
 
 
 def swift_defaults(flags: set[str], ctx: Context, world: int) -> tuple[str, dict[str, str]]:
@@ -172,7 +237,8 @@ def swift_defaults(flags: set[str], ctx: Context, world: int) -> tuple[str, dict
     if v2:
         d.update(warmup_steps="0.05", num_train_epochs="1")  # warmup ratio 0.05
     loss = ctx.value("loss", "dpo")
-    d["beta"] = "2.0" if loss in ("simpo", "cpo-simpo") else "0.1"
+    if loss in losses_reading("beta"):  # rm has no temperature (its loss refuses one)
+        d["beta"] = "2.0" if loss in ("simpo", "cpo-simpo") else "0.1"
     owners = nll_weight_owners()
     if loss in owners["cpo_alpha"]:
         d["cpo_alpha"] = "1.0"

@@ -114,6 +114,11 @@ def load_raw(spec: Optional[str], *, sample: str = "first", seed: int = 0) -> Ra
     if spec is None:
         return _read_jsonl(demo_path(), None)
     path, limit = parse_spec(spec)
+    if "::" in path and os.path.isfile(path.split("::", 1)[0]):  # LLaMA-Factory's data (preftune.aliases.dataset_info)
+        from preftune.aliases.dataset_info import load_entry
+
+        source, records, locations, base_dir = load_entry(path, limit, lambda p: _load_path(p, None), seed)
+        return _finish(RawData(source, records, locations, limit, base_dir))
     if sample == "random" and limit is not None:
         return draw(_load_path(path, None), limit, seed)
     return _load_path(path, limit)
