@@ -268,3 +268,23 @@ def test_cli_refusals_are_one_line(tiny_model_dir, tmp_path, capsys):
         from types import SimpleNamespace
 
         normalise(load_raw(bad), SimpleNamespace(dataset_format=None))
+
+
+def test_cli_kto_on_image_pairs_of_a_vision_language_model(tmp_path, caplog):
+    """ms-swift's image pairs unpaired for a tiny LLaVA: each example keeps its prompt's images, the KL partner is
+    scored after them; the gradient reaches the LoRA of the language model and the loss moves."""
+    from pathlib import Path
+
+    import vlm_tiny as V
+
+    model, processor = V.tiny_vlm("llava")
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    data = Path(__file__).parent.parent / "examples" / "vlm" / "swift_dpo.jsonl"
+    with caplog.at_level("INFO", logger="preftune"):
+        assert _train(str(tmp_path / "llava"), tmp_path / "out", "--loss", "kto", "--dataset", str(data),
+                      "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "5e-2") == 0
+    assert "8 KTO examples (4 desirable, 4 undesirable; 8 made from 4 pairs" in caplog.text
+    logs = [h for h in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert logs[0]["loss"] != logs[-1]["loss"]

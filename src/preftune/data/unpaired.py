@@ -103,6 +103,19 @@ def from_unpaired(here: Here, record: dict) -> dict:
     return {"prompt": prompt, "chosen": completion, "rejected": completion, "label": label}
 
 
+def _rejected_side(pair: TokenizedPair) -> TokenizedPair:
+    """The undesirable example of a pair: the rejected completion after the rejected side's prompt (its own
+    images and prompt tokens when the pair has ``rejected_images``, ms-swift's field)."""
+    example = replace(pair, chosen_ids=list(pair.rejected_ids), ref_chosen_logps=None, ref_rejected_logps=None,
+                      label=False)
+    images = pair.images
+    if images is not None and images.rejected_paths is not None:
+        example.images = replace(images, paths=list(images.rejected_paths), rejected_paths=None,
+                                 rejected_prompt_ids=None)
+        example.prompt_ids = list(images.rejected_prompt_ids)
+    return example
+
+
 def unpair(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
     """Paired examples -> unpaired ones, TRL's order: per block of :data:`UNPAIR_BLOCK` pairs, the chosen
     completions (label True) then the rejected ones (label False); examples already unpaired pass."""
@@ -113,9 +126,9 @@ def unpair(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
             out += block
             continue
         out += [replace(p, rejected_ids=list(p.chosen_ids), ref_chosen_logps=None, ref_rejected_logps=None,
-                        label=True) for p in block]
-        out += [replace(p, chosen_ids=list(p.rejected_ids), ref_chosen_logps=None, ref_rejected_logps=None,
-                        label=False) for p in block]
+                        label=True, images=None if p.images is None else replace(
+                            p.images, rejected_paths=None, rejected_prompt_ids=None)) for p in block]
+        out += [_rejected_side(p) for p in block]
     return out
 
 

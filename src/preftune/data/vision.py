@@ -285,9 +285,10 @@ def tokenize_image_records(records: list[dict], processor: Any, data_args: Any, 
         if drop:
             stats.dropped[drop if not (images and drop == DROP_PROMPT_FILLS) else "prompt with images fills max_length"] += 1
             continue
-        stats.identical += chosen == rejected
+        stats.identical += chosen == rejected and record.get("label") is None
         pair = TokenizedPair(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
-                             margin=record_margin(record, location, source), location=where(source, location))
+                             margin=record_margin(record, location, source), location=where(source, location),
+                             label=record.get("label"))
         if images:
             pair.images = PairImages(paths=images, prompt_text=prompt_text, image_token_id=int(image_id),
                                      loader=loader, digest=images_digest(images + list(rejected_images or [])))
