@@ -177,3 +177,29 @@ def test_chat_template_path_sets_the_tokenizers_template(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="chat_template_path"):
         DPOTrainer(model_dir, args=args_of(DPOConfig, tmp_path / "bad", chat_template_path=str(tmp_path / "none")),
                    train_dataset=Dataset.from_list(data))
+
+
+def test_float16_weights_at_lr_0_1_diverge_in_trl_too_preftune_stops(model_dir, tmp_path):
+    """TRL's ``test_train_model_dtype`` setting (float16 weights, lr 0.1) on a tiny Llama: TRL's run goes
+    non-finite as well (grad_norm NaN at step 4, every weight NaN after it; the logged loss reads 0.0
+    because transformers' ``logging_nan_inf_filter`` hides it); preftune stops at that step instead
+    (NonFiniteError naming it), a deliberate difference (``docs/python-api.md``)."""
+    import trl
+    from datasets import Dataset
+
+    from preftune.errors import NonFiniteError
+    from preftune.trl import DPOConfig, DPOTrainer
+
+    rows = Dataset.from_list([{"prompt": f"Question {i}: what is the colour of item {i}?",
+                               "chosen": f" It is blue, number {i}.", "rejected": f" Red{i} maybe not sure."}
+                              for i in range(24)])
+    common = dict(model_init_kwargs={"dtype": torch.float16}, learning_rate=0.1, report_to="none", max_steps=4,
+                  per_device_train_batch_size=8, logging_steps=1, save_strategy="no", bf16=False)
+    ours = DPOTrainer(model_dir, args=DPOConfig(output_dir=str(tmp_path / "ours"), **common), train_dataset=rows)
+    with pytest.raises(NonFiniteError, match="at step 4"):
+        ours.train()
+    theirs = trl.DPOTrainer(model=model_dir, train_dataset=rows,
+                            args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, **common))
+    theirs.train()
+    assert math.isnan(theirs.state.log_history[3]["grad_norm"]) and theirs.state.log_history[3]["loss"] == 0.0
+    assert all(not torch.isfinite(p).all() for p in theirs.model.parameters())
