@@ -24,6 +24,7 @@ from preftune.cli_args import config_to_yaml
 from preftune.config import RunConfig
 from preftune.run_setup import prepare_run
 from preftune.trainer import PreferenceTrainer
+from preftune.trl_support import disable_dropout
 
 logger = logging.getLogger("preftune.train")
 
@@ -41,11 +42,22 @@ class Run:
 
 def setup(config: RunConfig) -> Run:
     """The CLI door: check ``--output_dir`` (before anything is loaded), then the one setup
-    (:func:`preftune.run_setup.prepare_run`: seed, model, data, reference) and the trainer."""
+    (:func:`preftune.run_setup.prepare_run`: seed, model, data, reference) and the trainer.
+    ``--disable_dropout`` (default true, as TRL and :mod:`preftune.trl`): every dropout of the model and
+    of LoRA set to 0, so both doors train the same way."""
+    dropout_off = getattr(config.training, "disable_dropout", False)
+    if dropout_off and config.peft.use_peft and config.peft.lora_dropout:
+        logger.info("--disable_dropout true: --lora_dropout %s not applied (LoRA dropout 0, as TRL); "
+                    "--disable_dropout false keeps it", config.peft.lora_dropout)
+        config.peft.lora_dropout = 0.0  # the resolved config then says what runs (the TRL door does the same)
     # several processes: the main process checks (and clears or locks) the output directory first
     with config.training.main_process_first(local=False, desc="preparing the output directory"):
         outputs.prepare_output_dir(config)  # writable, not another run's, resume config matches
     prepared = prepare_run(config)
+    if dropout_off:  # the model's own dropout (T5's dropout_rate ...), a continued adapter's LoRA dropout
+        for module in (prepared.model, prepared.ref_model):
+            if module is not None:
+                disable_dropout(module)
     trainer = PreferenceTrainer(**prepared.trainer_kwargs())
     trainer.run_config_yaml = prepared.config_yaml  # written into every checkpoint (resume checks it)
     return Run(config, prepared.model, prepared.tokenizer, trainer, prepared.data.report)

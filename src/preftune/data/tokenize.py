@@ -1,21 +1,27 @@
 """Tokenising normalised preference records into :class:`preftune.types.TokenizedPair`.
 
-The completion tokens are exactly the tokens the model is scored on:
+The completion tokens are exactly the tokens the model is scored on. One rule for special tokens
+(``docs/python-api.md``, "Special tokens"; ``tests/test_special_tokens.py`` checks it against TRL 1.16
+on tokenizers that add a BOS, define one without adding it, have none, and append an EOS):
 
-* text records: the prompt is encoded *with* the tokenizer's special tokens (a BOS if the
-  tokenizer adds one; an EOS some tokenizers would append is removed), each completion *without*
-  special tokens, and the EOS id is appended once (not when the text already ends with it).
-* message records: the chat template renders the prompt with ``add_generation_prompt=True`` and the
-  whole conversation without it; the completion text is the full rendering minus the prompt
-  rendering. Both are encoded *without* special tokens, as the template writes its own (so no
-  doubled BOS). When the completion ends with the EOS token followed only by template whitespace
-  (SmolLM2 / ChatML: ``"...<|im_end|>\\n"``), the whitespace is cut, so the completion ends with
-  exactly one EOS; otherwise EOS is appended once.
-* text records with ``keep_special_tokens`` (encoder–decoder models, T5, BART ...: the option
-  :meth:`preftune.engine.kinds.seq2seq.Seq2SeqKind.tokenize_options` gives): prompt and
-  completions are each encoded *with* the tokenizer's special tokens, kept as they are (T5:
-  ``text </s>``; BART: ``<s> text </s>``), as the model was trained and as TRL's CPO / ORPO
-  trainers tokenise them; the prompt is the encoder input.
+* decoder-only models, text records: the prompt is encoded *with* the tokenizer's special tokens (a
+  BOS exactly where the tokenizer adds one, as ``tokenizer(prompt)`` gives it at generation; an EOS
+  some tokenizers would append is removed), each completion *without* special tokens, and the EOS id
+  is appended once (not when the text already ends with it). This is TRL's ``DPOTrainer`` rule;
+  TRL's CPO / ORPO trainers also prepend a BOS the tokenizer defines but does not add (SmolLM2 and
+  GPT-2 style tokenizers), which preftune does not (a deliberate difference).
+* decoder-only models, message records: the chat template renders the prompt with
+  ``add_generation_prompt=True`` and the whole conversation without it; the completion text is the
+  full rendering minus the prompt rendering. Both are encoded *without* special tokens, as the
+  template writes its own (so no doubled BOS). When the completion ends with the EOS token followed
+  only by template whitespace (SmolLM2 / ChatML: ``"...<|im_end|>\\n"``), the whitespace is cut, so
+  the completion ends with exactly one EOS; otherwise EOS is appended once.
+* encoder–decoder models (``keep_special_tokens``, T5, BART ...: the option
+  :meth:`preftune.engine.kinds.seq2seq.Seq2SeqKind.tokenize_options` gives): prompt and each
+  completion are encoded *with* the tokenizer's special tokens and nothing is added or removed (T5:
+  ``text </s>``; BART: ``<s> text </s>``; a tokenizer that appends no EOS: no EOS), exactly as TRL's
+  CPO / ORPO trainers tokenise them (TRL's ``DPOTrainer`` has no encoder–decoder path); the prompt is
+  the encoder input, the decoder starts from the model's ``decoder_start_token_id``.
 
 Prompt and completion are tokenised **separately** and concatenated. Encoding the joined text can
 merge tokens across the boundary (e.g. ``"A:" + " B"``); the separate encoding is kept because it
@@ -42,6 +48,7 @@ from typing import Any, Optional
 from preftune.types import TokenizedPair
 
 from .errors import DataError, where
+from .pretokenized import is_pretokenized, tokenize_pretokenized
 from .render import check_no_images, render_records
 from .truncation import TokenizeStats, record_margin, truncate_pair
 from .vision import is_processor, tokenize_image_records
@@ -63,10 +70,15 @@ class _Encoder:
         self.adds_bos = bos is not None and probe_special[:1] == [bos] and probe_plain[:1] != [bos]
         self.bos_id = bos if self.adds_bos else None
         self.adds_eos = probe_special[-1:] == [self.eos_id] and probe_plain[-1:] != [self.eos_id]
-        # keep_special_tokens (encoder–decoder models, their kind's tokenize_options): text prompts and
-        # completions keep the tokenizer's special tokens (T5: "text </s>"; BART: "<s> text </s>"), as the
-        # model was trained and TRL's CPO / ORPO trainers tokenise them
+        # keep_special_tokens (encoder–decoder models, their kind's tokenize_options): prompts and completions
+        # are the tokenizer's encoding with its special tokens, nothing added or removed (T5: "text </s>";
+        # BART: "<s> text </s>"; a tokenizer without a post-processor: the bare text), as the model was
+        # trained and as TRL's CPO / ORPO trainers tokenise them
         self.keep_special = keep_special_tokens
+
+    def special(self, item: tuple) -> bool:
+        """Whether a rendered record's texts are encoded with the tokenizer's special tokens."""
+        return True if self.keep_special else item[3]
 
     def encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
@@ -74,25 +86,19 @@ class _Encoder:
         ids = self.tok(texts, add_special_tokens=special)["input_ids"]
         if special and self.adds_eos and not self.keep_special:
             ids = [seq[:-1] if seq[-1:] == [self.eos_id] else seq for seq in ids]
-        if special and self.adds_bos:  # a prompt that already starts with the BOS text gets it once
+        if special and self.adds_bos and not self.keep_special:  # a prompt starting with the BOS text: one BOS
             ids = [seq[1:] if seq[:2] == [self.bos_id, self.bos_id] else seq for seq in ids]
         return [list(seq) for seq in ids]
 
     def end(self, ids: list[int]) -> list[int]:
-        return ids if ids[-1:] == [self.eos_id] else ids + [self.eos_id]
+        """A completion as scored: one EOS at the end (decoder-only); as encoded (encoder–decoder)."""
+        return ids if self.keep_special or ids[-1:] == [self.eos_id] else ids + [self.eos_id]
 
 
 def _encode_completions(encoder: _Encoder, rendered: list, side: int) -> list[list[int]]:
     """Completion ids of every rendered record (``side`` 1: chosen, 2: rejected): without special tokens,
-    except text records with ``keep_special_tokens`` (encoder–decoder models), which take the tokenizer's own."""
-    if not encoder.keep_special:
-        return encoder.encode([item[side] for item in rendered], False)
-    out: list[list[int]] = [[] for _ in rendered]
-    for special in (True, False):
-        index = [i for i, item in enumerate(rendered) if item[3] == special]
-        for i, ids in zip(index, encoder.encode([rendered[i][side] for i in index], special)):
-            out[i] = ids
-    return out
+    except with ``keep_special_tokens`` (encoder–decoder models), which take the tokenizer's own."""
+    return encoder.encode([item[side] for item in rendered], encoder.keep_special)
 
 
 def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, locations: Optional[list[str]] = None,
@@ -113,6 +119,8 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     images (file, record, field ``images``).
     """
     locations = locations or [f"record {i}" for i in range(1, len(records) + 1)]
+    if is_pretokenized(records):  # token ids given by the user: used as they are (data/pretokenized.py)
+        return tokenize_pretokenized(records, tokenizer, data_args, locations=locations, source=source)
     if is_processor(tokenizer):  # a vision–language processor: images expanded into their tokens (data/vision.py)
         return tokenize_image_records(records, tokenizer, data_args, locations=locations, source=source)
     for record, location in zip(records, locations):
@@ -125,7 +133,7 @@ def tokenize_records(records: list[dict], tokenizer: Any, data_args: Any, *, loc
     prompt_ids: list[list[int]] = [[] for _ in rendered]
     joined: dict[tuple[int, int], list[int]] = {}
     for special in (True, False):
-        index = [i for i, item in enumerate(rendered) if item[3] == special]
+        index = [i for i, item in enumerate(rendered) if encoder.special(item) == special]
         for i, ids in zip(index, encoder.encode([rendered[i][0] for i in index], special)):
             prompt_ids[i] = ids
         for side in (1, 2):
