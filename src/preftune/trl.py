@@ -70,8 +70,9 @@ class _TRLTrainer(TRLEvalMixin, PreferenceTrainer):
         for key, value in unsupported.items():
             if value is not None:
                 raise ConfigError(f"{name}: {key} is not supported: {support.UNSUPPORTED_ARGS[key]}; drop the argument")
-        if model is None or train_dataset is None:
-            raise ConfigError(f"{name}: model and train_dataset are required")
+        for key, value in (("model", model), ("train_dataset", train_dataset)):
+            if value is None:  # TRL's words
+                raise ConfigError(f"{name}: `{key}` is required")
         if args is None:  # TRL's default output_dir: <model name>-<trainer>
             base = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "model"
             args = self._config_class(output_dir=f"{str(base).rstrip('/').split('/')[-1]}-"

@@ -162,10 +162,10 @@ class TRLEvalMixin:
             starting = contextlib.nullcontext()
         else:
             raise ConfigError(
-                f"{type(self).__name__}.evaluate({source}=...): the reference log-probs were precomputed for full "
-                "fine-tuning without a ref_model and training has started, so the reference (the model as it was) "
-                "is gone; pass this dataset as eval_dataset when building the trainer, pass a ref_model, or set "
-                "precompute_ref_log_probs=False")
+                f"{type(self).__name__}.evaluate({source}=...): Cannot compute reference log-probs for a dataset "
+                "passed to `evaluate()` after training has started: they were precomputed for full fine-tuning "
+                "without a ref_model, so the reference (the model as it was) is gone; pass this dataset as "
+                "eval_dataset when building the trainer, pass a ref_model, or set precompute_ref_log_probs=False")
         batch_size = getattr(self.args, "precompute_ref_batch_size", None) or self.args.per_device_eval_batch_size
         with starting, mixed_precision(self.model, self.args):
             chosen, rejected = compute_reference_logps(self.model, pairs, batch_size=batch_size,

@@ -104,7 +104,7 @@ def resolve_model(model: Any, init: dict[str, Any], args: Any, *, reward: bool, 
         raise ConfigError(f"{where}: model_init_kwargs (or quantization_config) given but the model is already "
                           "loaded; pass its name, or load it with those keywords yourself")
     if reward and getattr(getattr(model, "config", None), "num_labels", None) != 1:
-        raise ConfigError(f"{where}: a reward model needs a sequence classifier with one label "
+        raise ConfigError(f"{where}: reward models require `num_labels=1`: a sequence classifier with one label "
                           "(AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)), or its name")
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     model_args = ModelArguments(model_name_or_path=path or None,
