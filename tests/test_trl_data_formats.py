@@ -222,7 +222,9 @@ def test_pretokenized_reward_columns_match_trl_reward_trainer(tmp_path):
              ("Now is better than never.", "Now is never better.")]
     for chosen_key, rejected_key in (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids")):
         rows = [{chosen_key: tok(c)["input_ids"], rejected_key: tok(r)["input_ids"], "chosen": c} for c, r in pairs]
-        data, ours, _ = preftune_rows(rows, tok)
+        with pytest.warns(FutureWarning, match="will not be supported in v1") if chosen_key == "chosen_input_ids" \
+                else _nothing():  # TRL's deprecation warning for the older columns, as TRL's own test expects
+            data, ours, _ = preftune_rows(rows, tok)
         assert data.format == "pretokenized" and "2 records also hold text fields" in data.describe()
         args = RewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, max_length=None)
         with pytest.warns(FutureWarning) if chosen_key == "chosen_input_ids" else _nothing():

@@ -43,6 +43,7 @@ for reward models) where the data has them. Message records keep each message's 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -165,13 +166,14 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
         return out
     out = FormattedData(raw.source, fmt, "text", [], raw.locations, limit=raw.limit,
                         detection=detection.describe(), selection=raw.selection)
-    multi_turn = empty_reply = with_images = unused_template = text_beside = 0
+    multi_turn = empty_reply = with_images = unused_template = text_beside = legacy_ids = 0
     for record, location in zip(raw.records, raw.locations):
         here = Here(raw.source, location, fmt, detection.first)
         if fmt == "pretokenized":
             out.kind = "tokens"
             pair = from_pretokenized(here, record)
             text_beside += text_fields_beside(record)
+            legacy_ids += record.get("chosen_ids") is None
         elif fmt in CONVERTERS:
             out.kind = "messages"
             pair = CONVERTERS[fmt](here, record)
@@ -222,6 +224,10 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
     if unused_template:
         out.notes.append(f"{unused_template} {out.kind} records with tools / chat_template_kwargs, which only a chat "
                          "template reads (not used, as in TRL)")
+    if legacy_ids:  # TRL's RewardTrainer warns the same way (its test expects the warning)
+        warnings.warn(f"{raw.source}: {legacy_ids} records with the older chosen_input_ids / rejected_input_ids "
+                      "columns, deprecated by TRL (they will not be supported in v1 of TRL); preftune reads them as "
+                      "chosen_ids / rejected_ids", FutureWarning, stacklevel=2)
     if text_beside:
         out.notes.append(f"{text_beside} records also hold text fields: their token ids are used as given, the text "
                          "is not read (as TRL's RewardTrainer)")
