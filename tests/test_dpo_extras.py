@@ -120,13 +120,10 @@ def tokenizer(request):
 
 
 TRL_CASES = {
-    # case: (DPOConfig kwargs, LossArguments kwargs); the sft term is the plain chosen NLL under LD-DPO
-    "ld-sigmoid+sft": (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3, beta=0.1),
-                       dict(loss="dpo", dpo_loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3)),
-    "ld0-ipo": (dict(loss_type=["ipo"], ld_alpha=0.0, beta=0.5),
-                dict(loss="dpo", dpo_loss_type="ipo", ld_alpha=0.0, beta=0.5)),
-    "wpo-sigmoid": (dict(loss_type=["sigmoid"], use_weighting=True, beta=0.1),
-                    dict(loss="dpo", use_weighting=True)),
+    # case: (DPOConfig kwargs, LossArguments kwargs); under LD-DPO the sft term is the plain chosen NLL and
+    # ipo's token counts the plain ones
+    "ld-ipo+sft": (dict(loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3, beta=0.5),
+                   dict(loss="dpo", dpo_loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3, beta=0.5)),
     # (TRL 1.16 fails on hinge with use_weighting: an in-place product on relu's output)
     "wpo-ld-sigmoid+bco": (dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.7, 0.3], use_weighting=True,
                                 ld_alpha=0.5, beta=0.1),
@@ -163,7 +160,7 @@ def test_matches_trl_dpo_trainer_every_layout(case, tokenizer, tmp_path):
     configure_for_loss(loss_args, ours, ours_ref)
     scale = max(g.abs().max().item() for g in trl_grads)
     # the precomputed reference once per kind of sum (its reference forward is the live one's)
-    for reference in ("live", "precomputed") if case in ("ld-sigmoid+sft", "wpo-ld-sigmoid+bco") else ("live",):
+    for reference in ("live", "precomputed") if case == "ld-ipo+sft" else ("live",):
         if reference == "precomputed":  # the configured reference model gives LD-DPO's sums
             ref_c, ref_r = compute_reference_logps(ours_ref, pairs, batch_size=3, chunk_size=20)
             for p, c, r in zip(pairs, ref_c.tolist(), ref_r.tolist()):
@@ -351,3 +348,28 @@ def test_wrong_combinations_are_one_line(kw, match):
     with pytest.raises(ConfigError, match=match) as err:
         LossArguments(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_cli_precomputed_and_live_reference_agree(tiny_model_dir, tmp_path, monkeypatch):
+    """``preftune train`` with LD-DPO, WPO and TR-DPO over LoRA: the reference precomputed (LD sums from the
+    start, recomputed at each sync) and live (the reference adapter) give one trajectory."""
+    import json
+
+    from preftune.cli import main
+    from preftune.data.loading import demo_path
+
+    monkeypatch.setenv("PREFTUNE_REF_CACHE", str(tmp_path / "ref-cache"))
+    losses = {}
+    for name, flag in (("pre", "true"), ("live", "false")):
+        out = tmp_path / name
+        assert main(["train", "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--use_peft",
+                     "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "3", "--per_device_train_batch_size", "4",
+                     "--logging_steps", "1", "--learning_rate", "5e-2", "--max_length", "128", "--max_prompt_length", "64", "--seed", "3",
+                     "--dataset", demo_path() + "#16",
+                     "--save_strategy", "no", "--dataloader_num_workers", "0", "--loss", "dpo", "--ld_alpha", "0.5",
+                     "--use_weighting", "--sync_ref_model", "--ref_model_sync_steps", "2", "--ref_model_mixup_alpha",
+                     "0.5", "--precompute_ref_log_probs", flag]) == 0
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+    assert len(losses["pre"]) == 3  # step 3 against the reference updated after step 2
+    assert losses["pre"] == pytest.approx(losses["live"], abs=1e-5)
