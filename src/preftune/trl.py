@@ -272,8 +272,9 @@ class RewardTrainer(_TRLTrainer):
     """TRL 1.16's ``RewardTrainer`` signature on preftune's reward model (``--loss rm``; :class:`RewardConfig`).
 
     ``model``: a name/path (loaded as a sequence classifier with one label, the scalar head ``score``
-    new and seeded) or a loaded one-label sequence classifier. With a ``LoraConfig`` (task ``SEQ_CLS``)
-    LoRA adapts the body and the head trains fully; ``save_model`` also writes ``value_head.safetensors``.
+    new and seeded) or a loaded one-label sequence classifier. With a ``LoraConfig`` peft decides what trains,
+    as under TRL: task ``SEQ_CLS`` also trains a copy of the head, ``LoraConfig()`` the adapters only;
+    ``save_model`` also writes ``value_head.safetensors``.
     """
 
     _config_class = RewardConfig
