@@ -149,6 +149,14 @@ def test_bad_tool_and_template_fields_name_the_field(change, field, problem):
         normalise(records_to_raw([record], "train_dataset"), DataArguments())
 
 
+def test_empty_tool_result_and_empty_template_fields():
+    record = {"prompt": [user("q")], "chosen": [call("get_time", 1), tool("get_time", ""), bot("a")],
+              "rejected": [bot("b")], "tools": "[]", "chat_template_kwargs": {}}
+    data = normalise(records_to_raw([record], "train_dataset"), DataArguments())
+    assert data.records[0]["chosen"][1]["content"] == ""  # a tool may return nothing
+    assert "tools" not in data.records[0] and "chat_template_kwargs" not in data.records[0]  # empty: as absent
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Per-row chat_template_kwargs
 # ------------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ class Here:
 
         Every other key of a message (``tool_calls``, ``name``, ``tool_call_id``, ``reasoning_content`` ...)
         is kept as given, for the chat template (as TRL passes messages to it). An assistant message with
-        ``tool_calls`` (a non-empty list) may have no content (None or absent, kept as given).
+        ``tool_calls`` (a non-empty list) may have no content (None or absent, kept as given); a ``tool``
+        result and a system message may be empty.
         ``assistant_only`` (a completion): the messages must be the model's turn, assistant messages
         and the ``tool`` results of its calls, starting with an assistant message (TRL's tool-call
         trajectories: call, result, answer).
@@ -127,7 +128,7 @@ class Here:
             out.append(dict(message))
             if not (calls and message.get("content") is None):
                 out[-1]["content"] = self.content(message.get("content"), label + ".content",
-                                                  allow_empty=role == "system" or bool(calls))
+                                                  allow_empty=role in ("system", "tool") or bool(calls))
         return out
 
     def _tool_calls(self, message: dict, label: str, role: str) -> list:
@@ -149,7 +150,7 @@ class Here:
         JSON string of one (TRL reads both); passed to the chat template as ``tools=``.
         ``chat_template_kwargs``: a dict (or a JSON string of one) of extra template variables for this
         record, passed to ``apply_chat_template`` as keywords (TRL 1.16's per-row column); the keywords
-        preftune sets itself (:data:`RESERVED_TEMPLATE_KEYS`) are refused. Absent or None: left out.
+        preftune sets itself (:data:`RESERVED_TEMPLATE_KEYS`) are refused. Absent, None or empty: left out.
         Raises :class:`DataError` (file, record, field) for any other value.
         """
         out = {}
@@ -160,7 +161,8 @@ class Here:
             if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
                 raise self.fail("tools", f"expected a list of tool schemas (objects) or a JSON string of one, got "
                                          f"{record['tools']!r:.60}")
-            out["tools"] = tools
+            if tools:
+                out["tools"] = tools
         kwargs = record.get("chat_template_kwargs")
         if kwargs is not None:
             if isinstance(kwargs, str):
@@ -172,7 +174,8 @@ class Here:
                 if key in RESERVED_TEMPLATE_KEYS:
                     raise self.fail(f"chat_template_kwargs.{key}", "set by preftune when it renders the prompt and "
                                                                    "the conversation; leave it out")
-            out["chat_template_kwargs"] = dict(kwargs)
+            if kwargs:
+                out["chat_template_kwargs"] = dict(kwargs)
         return out
 
     def content(self, content: Any, label: str, allow_empty: bool = False) -> Any:
