@@ -210,7 +210,8 @@ def run_side(side: Path, files: list[str], args, cache: Path) -> dict[str, tuple
         cmd += ["-n", str(args.jobs)]
     path = [str(side)] + ([str(args.preftune_src)] if args.preftune_src else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), TRL_SUITE_CACHE=str(cache),
-               TRL_SUITE_TIMEOUT=str(args.timeout), TOKENIZERS_PARALLELISM="false")
+               TRL_SUITE_TIMEOUT=str(args.timeout), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(cache / "hub"))
     with open(side / "pytest.log", "w") as log:
         subprocess.run(cmd, cwd=side, env=env, stdout=log, stderr=subprocess.STDOUT)
     if not report.exists():
