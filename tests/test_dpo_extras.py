@@ -373,3 +373,12 @@ def test_cli_precomputed_and_live_reference_agree(tiny_model_dir, tmp_path, monk
         losses[name] = [h["loss"] for h in history if "loss" in h]
     assert len(losses["pre"]) == 3  # step 3 against the reference updated after step 2
     assert losses["pre"] == pytest.approx(losses["live"], abs=1e-5)
+    results = {}  # preftune evaluate with LD-DPO / WPO: the engine set up there too
+    for name, extra in (("ld", ["--ld_alpha", "0.5", "--use_weighting"]), ("plain", [])):
+        path = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", tiny_model_dir, "--adapter", str(tmp_path / "pre"), "--loss", "dpo",
+                     "--dataset", demo_path() + "#16", "--max_length", "128", "--max_prompt_length", "64",
+                     "--output_json", str(path), *extra]) == 0
+        results[name] = json.loads(path.read_text())
+    assert results["ld"]["num_pairs"] == 16
+    assert results["ld"]["logps/chosen"] > results["plain"]["logps/chosen"]  # the tail weighs 0.5

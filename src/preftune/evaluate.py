@@ -120,6 +120,7 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
     from preftune.config import PeftArguments
     from preftune.data import build_datasets
     from preftune.data.pipeline import refuse_missing_rejected
+    from preftune.engine.forward import configure_for_loss
     from preftune.engine.reference import attach_reference_logps
     from preftune.models import reference_context
     from preftune.run_setup import configure_numerics, model_identity, pad_token_id
@@ -129,6 +130,7 @@ def run_evaluate(model_args, data_args, loss_args, engine_args, eval_args: Evalu
     if getattr(model, "quantization_method", None) is None:
         model.to(policy.device)
     kind = kind_for(model)
+    configure_for_loss(loss_args, model)  # LD-DPO / WPO sums (the reference is this model too)
     data = build_datasets(data_args, tokenizer, seed=eval_args.seed, **kind.tokenize_options(model))  # logs its report
     refuse_missing_rejected(data.train, loss_args.loss, "evaluate")
     if loss_args.spec.consumes == "unpaired_logps":  # KTO: unpaired examples, KL partners within --batch_size
