@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 DEFAULT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-                   "logps/chosen", "logps/rejected", "nll_loss")
+                   "logps/chosen", "logps/rejected", "nll_loss", "kl")  # kl: KTO's KL estimate
 
 
 def load_log_history(run_dir: str | Path) -> list[dict]:
