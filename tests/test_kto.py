@@ -6,14 +6,13 @@ import random
 
 import pytest
 import torch
+from conftest import random_logp_batch
 
 from preftune.config import LossArguments
 from preftune.data.unpaired import UNPAIR_BLOCK, unpair, weight_advice, with_kl_partners
 from preftune.errors import ConfigError, DataError
 from preftune.losses import compute_loss
 from preftune.types import PolicyLogps, TokenizedPair
-
-from conftest import random_logp_batch
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -120,9 +119,8 @@ def _records(n=16, seed=0, conversational=False):
 
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     from conftest import save_tiny_model
+    from transformers import AutoTokenizer
 
     path = save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), layers=2)
     tok = AutoTokenizer.from_pretrained(path)
@@ -263,9 +261,10 @@ def test_cli_refusals_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert "--per_device_train_batch_size must be at least 2" in capsys.readouterr().err
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": " b", "label": 2}] + _records(3))
     with pytest.raises(DataError, match=r"bad.jsonl, line 1, field 'label': expected true / false"):
+        from types import SimpleNamespace
+
         from preftune.data.formats import normalise
         from preftune.data.loading import load_raw
-        from types import SimpleNamespace
 
         normalise(load_raw(bad), SimpleNamespace(dataset_format=None))
 
