@@ -135,6 +135,9 @@ def apply_aliases(argv: Sequence[str], valid: set[str], preset: Sequence[str] = 
         raise ConfigError("this command line mixes the flags of " + " and ".join(
             f"{t} (--{', --'.join(f)})" for t, f in found.items()) + "; their defaults differ, so use one tool's "
             "flags (or preftune's own)")
+    # an alias given twice (in the YAML, then on the command line): the last one counts, as for preftune's flags
+    last = {name: i for i, (name, _) in enumerate(items) if name in _BY_FLAG}
+    items = [item for i, item in enumerate(items) if item[0] not in last or last[item[0]] == i]
     ordered = sorted(items, key=lambda item: _LATE.index(item[0]) + 1 if item[0] in _LATE else 0)
     out: list[str] = []
     for name, values in ordered:

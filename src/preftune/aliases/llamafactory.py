@@ -20,10 +20,10 @@ from .dataset_info import resolve
 from .lf_common import Door, LossPlan, lf_bool, number
 
 LLAMAFACTORY = "LLaMA-Factory"
-MARKERS = ("stage", "finetuning_type", "lora_rank", "lora_target", "pref_beta", "pref_loss", "pref_ftx", "cutoff_len",
+MARKERS = ("stage", "finetuning_type", "lora_target", "pref_beta", "pref_loss", "pref_ftx", "cutoff_len",
            "template", "dataset_dir", "max_samples", "val_size", "plot_loss", "kto_chosen_weight",
            "kto_rejected_weight", "preprocessing_num_workers", "eval_dataset", "media_dir", "freeze_trainable_layers",
-           "quantization_bit", "flash_attn", "pref_bco_weight", "dpo_label_smoothing", "image_max_pixels", "dpo_beta",
+           "flash_attn", "pref_bco_weight", "dpo_label_smoothing", "image_max_pixels", "dpo_beta",
            "orpo_beta", "dpo_loss", "dpo_ftx")
 STAGES = ("dpo", "kto", "rm")
 LEGACY = {"dpo_beta": "pref_beta", "dpo_loss": "pref_loss", "dpo_ftx": "pref_ftx", "orpo_beta": "pref_beta"}
@@ -112,12 +112,13 @@ DATA_KEYS = ("dataset", "eval_dataset", "dataset_dir", "media_dir", "max_samples
 OWN = ("finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "cutoff_len", "quantization_bit",
        "quantization_method", "quantization_type", "double_quantization", "flash_attn", "pure_bf16",
        "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "deepspeed")
-KNOWN = set(LEGACY) | set(IGNORED) | set(REFUSED) | set(RENAMED) | set(LOSS_KEYS) | set(DATA_KEYS) | set(OWN) | set(MARKERS)
+KNOWN = {"lora_rank", "lora_alpha", "lora_dropout"} | set(LEGACY) | set(IGNORED) | set(REFUSED) | set(RENAMED) | set(LOSS_KEYS) | set(DATA_KEYS) | set(OWN) | set(MARKERS)
 
 
 def is_classic(config: dict, valid: set[str]) -> bool:
-    """The YAML mapping has a key that only LLaMA-Factory's classic format has (:data:`MARKERS`)."""
-    return any(key in config and key not in valid for key in MARKERS)
+    """The YAML mapping has a key that only LLaMA-Factory's classic format has (:data:`MARKERS`; keys that
+    ms-swift shares, such as ``lora_rank``, do not count) and no ``rlhf_type`` (ms-swift's)."""
+    return "rlhf_type" not in config and any(key in config and key not in valid for key in MARKERS)
 
 
 def translate_classic(config: dict, source: str, valid: set[str], cli: set[str]) -> Door:

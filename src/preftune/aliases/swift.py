@@ -113,7 +113,10 @@ def _truncation_strategy(name: str, given: list[str], ctx: Context) -> list[str]
 def _rlhf_type(name: str, given: list[str], ctx: Context) -> list[str]:
     value = one(name, given)
     if value in RLHF_UNSUPPORTED:
-        raise ConfigError(f"--{name} {value} is not supported by preftune; choose one of: {', '.join(RLHF_TYPES)}")
+        what = {"ppo": "PPO (online RL: generation scored by a reward model)", "grpo": "GRPO (online RL: groups of "
+                "generations scored by reward functions)", "gkd": "GKD (on-policy distillation from a teacher model)"}
+        raise ConfigError(f"--{name} {value}: preftune does not train {what.get(value, value)}; it trains offline "
+                          f"preference objectives: {', '.join(RLHF_TYPES)}")
     if value not in RLHF_TYPES:
         raise ConfigError(f"--{name} {value!r} is not valid; choose one of: {', '.join(RLHF_TYPES)}")
     loss = RLHF_TYPES[value]
@@ -141,6 +144,21 @@ def _loss_type(name: str, given: list[str], ctx: Context) -> list[str]:
         return []
     raise ConfigError(f"--{name} {' '.join(given)} does not apply to --loss {loss}: swift's loss types are DPO's "
                       "(--rlhf_type dpo), CPO's (cpo) or simpo (simpo)")
+
+
+def _rpo_alpha(name: str, given: list[str], ctx: Context) -> list[str]:
+    """``--rpo_alpha 0`` (ms-swift's mpo.sh, beside an ``sft`` loss type) is no NLL term: left unset, so that
+    it does not count as a second NLL weight; any other value is kept as given."""
+    value = one(name, given)
+    try:
+        zero = float(value) == 0.0
+    except ValueError:
+        zero = False
+    ctx.produced[name] = (name, [value])  # given: no tool default replaces it
+    if not zero:
+        return [f"--{name}", value]
+    ctx.notes.append(f"--{name} {value}: no RPO NLL term (left unset)")
+    return []
 
 
 def _explicit_float(ctx: Context, name: str, default: float) -> float:
@@ -190,6 +208,7 @@ SWIFT_ALIASES: tuple[Alias, ...] = (
     Alias("deepspeed", (SWIFT,), f"{', '.join(ZERO_NAMES)}: ms-swift's DeepSpeed configurations, written by preftune "
           "(without the deepspeed package: one line, trained without it); a file is used as given", convert_deepspeed,
           noted=True),
+    Alias("rpo_alpha", (SWIFT,), "0: no NLL term (unset)", _rpo_alpha, noted=True),
     ignored("load_from_cache_file", (SWIFT,), "preftune keeps no cache of tokenised data (it tokenises on every run)"),
     ignored("dataset_num_proc", (SWIFT,), "preftune tokenises in the training process"),
     ignored("lazy_tokenize", (SWIFT,), "preftune tokenises the whole data set before training"),
