@@ -63,11 +63,13 @@ def _chunk_token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Ten
 
 def _chunk_token_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    # also log sum_v p_v^2 = logsumexp(2 log p) (WPO, Eq. 2), without gradient
+    # also log sum_v p_v^2 = logsumexp(2 log p) (WPO, Eq. 2), without gradient; after the gather, so that
+    # the checkpoint's recomputation in the backward stops before it (early stop)
     logp = torch.log_softmax(head(hidden).float(), dim=-1)
+    picked = logp.gather(-1, targets[:, None]).squeeze(-1)
     with torch.no_grad():
         log_sum_sq = torch.logsumexp(2.0 * logp, dim=-1)
-    return logp.gather(-1, targets[:, None]).squeeze(-1), log_sum_sq
+    return picked, log_sum_sq
 
 
 LOGITS_PER_CHUNK = 2 ** 25  # 128 MiB of float32 logits per block
