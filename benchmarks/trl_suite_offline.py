@@ -234,6 +234,7 @@ def build_all(snapshot: Path, cache: Path) -> dict:
 PLUGIN = r'''
 """pytest plugin written by preftune's benchmarks/trl_suite.py: offline Hub ids, shims, per-test timeout."""
 import os, signal
+from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = os.path.join(os.environ["TRL_SUITE_CACHE"], "hub")
@@ -267,6 +268,14 @@ def _local_load_dataset(path, name=None, *args, split=None, streaming=False, **k
 
 
 datasets.load_dataset = _local_load_dataset
+
+
+@pytest.fixture
+def lazy_shared_datadir(request, tmp_path):
+    """pytest-datadir's fixture (TRL's tests use it; the plugin may not be installed): a copy of the
+    ``data`` folder beside the test module."""
+    import shutil
+    return Path(shutil.copytree(request.path.parent / "data", tmp_path / "data"))
 _TIMEOUT = int(os.environ.get("TRL_SUITE_TIMEOUT", "300"))
 
 
