@@ -182,7 +182,6 @@ def test_model_side_keys(tmp_path, data_dir, caplog):
     ({"pref_loss": "kto_pair"}, "pref_loss 'kto_pair'"),
     ({"val_size": 100}, "val_size 100: a count"),
     ({"dataset": "nope_demo"}, "no data set 'nope_demo'"),
-    ({"dataset": "dpo_mix_en"}, "with a subset"),
     ({"dataset": "ms_only"}, "ModelScope"),
     ({"dataset": "alpaca_en_demo"}, "not preference data"),
     ({"model_name_or_path": ...}, "names no model (model_name_or_path)"),
@@ -203,6 +202,27 @@ def test_hub_entry_offline_is_a_clear_error(tmp_path, data_dir, monkeypatch):
     with pytest.raises(ConfigError, match="ultrafeedback: hf_hub_url 'llamafactory/ultrafeedback_binarized' is on "
                                           "the Hugging Face Hub and this run is offline"):
         parse(_config(tmp_path, data_dir, dataset="ultrafeedback"))
+
+
+def test_hub_entry_with_subset_from_a_local_snapshot(tmp_path, data_dir, monkeypatch):
+    """dpo_mix_en (hf_hub_url + subset en) loads by name from a snapshot of the Hub repository kept in dataset_dir,
+    offline; without the snapshot, offline is one clear line."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="dpo_mix_en: hf_hub_url 'llamafactory/DPO-En-Zh-20k' is on the Hugging Face"):
+        parse(_config(tmp_path, data_dir, dataset="dpo_mix_en"))
+    snap = data_dir / "llamafactory" / "DPO-En-Zh-20k"
+    snap.mkdir(parents=True)
+    rows = json.loads((data_dir / "dpo_en_demo.json").read_text())
+    _write(snap / "dpo_en.json", rows[:4])
+    _write(snap / "dpo_zh.json", rows[4:])
+    (snap / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files: dpo_en.json\n"
+                                    "- config_name: zh\n  data_files: dpo_zh.json\n---\n")
+    g = parse(_config(tmp_path, data_dir, dataset="dpo_mix_en"))
+    raw = load_raw(g["data"].dataset[0])
+    assert len(raw.records) == 4 and raw.records[0]["conversations"] == [{"from": "human", "value": "question 0?"}]
 
 
 def test_dataset_info_columns_tags_and_samples(data_dir):

@@ -6,7 +6,8 @@ where the records are and how they are spelled (read from LLaMA-Factory ``data/R
 ``src/llamafactory/data/parser.py``, ``loader.py``; not copied):
 
 * where: ``file_name`` (a file, or a folder whose files are all read, relative to ``dataset_dir``),
-  ``hf_hub_url`` (a Hub data set; ``split``, default ``train``), ``ms_hub_url`` / ``om_hub_url``
+  ``hf_hub_url`` (a Hub data set, or a local snapshot folder of it at that path, with ``subset``,
+  ``folder`` and ``split``, default ``train``; offline without a snapshot: refused), ``ms_hub_url`` / ``om_hub_url``
   (ModelScope / Modelers: refused, preftune reads local files and the Hugging Face Hub),
   ``script_url`` / ``cloud_file_name`` (refused);
 * how: ``formatting`` (``alpaca``, the default, ``sharegpt`` or ``openai``), ``ranking`` (paired
@@ -35,6 +36,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from preftune.errors import ConfigError, DataError
@@ -137,17 +139,14 @@ def _location(entry: dict, name: str, dataset_dir: str, where: str) -> tuple[str
     if entry.get("om_hub_url") and not entry.get("hf_hub_url"):
         raise ConfigError(f"{where}, {name}: om_hub_url (Modelers hub) is not supported; give file_name")
     if entry.get("hf_hub_url"):
-        if entry.get("subset") or entry.get("folder"):
-            raise ConfigError(f"{where}, {name}: hf_hub_url {entry['hf_hub_url']!r} with a subset / folder: preftune "
-                              "loads a Hub data set's default configuration only; download the subset's file and "
-                              "give it as file_name")
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
-                os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
-            raise ConfigError(f"{where}, {name}: hf_hub_url {entry['hf_hub_url']!r} is on the Hugging Face Hub and "
-                              "this run is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it into "
-                              "dataset_dir and give file_name instead")
-        split = entry.get("split", "train")
-        return "hub", entry["hf_hub_url"] + ("" if split == "train" else f":{split}")
+        repo = entry["hf_hub_url"]
+        local = next((p for p in (repo, os.path.join(os.path.dirname(where), repo)) if os.path.isdir(p)), None)
+        if local is None and (os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+                              or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")):
+            raise ConfigError(f"{where}, {name}: hf_hub_url {repo!r} is on the Hugging Face Hub and this run is "
+                              "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); download it into dataset_dir and give "
+                              "file_name instead")
+        return "hub", local or repo
     for key in ("script_url", "cloud_file_name"):
         if entry.get(key):
             raise ConfigError(f"{where}, {name}: {key} is not supported; give the data as file_name")
@@ -204,7 +203,9 @@ def load_entry(path: str, limit: Optional[int], read: Callable[[str], Any], seed
     except ConfigError as err:
         raise DataError(str(err)) from None
     files = [location]
-    if kind == "file" and os.path.isdir(location):
+    if kind == "hub":
+        read = _hub_reader(entry, name, info_path)
+    elif os.path.isdir(location):
         files = sorted(os.path.join(location, f) for f in os.listdir(location) if not f.startswith("."))
     records: list[dict] = []
     locations: list[str] = []
@@ -226,6 +227,25 @@ def load_entry(path: str, limit: Optional[int], read: Callable[[str], Any], seed
     out = [convert(record, columns, tags, fmt, entry.get("formatting"), f"{source}, {loc}")
            for record, loc in zip(records, locations)]
     return source, out, locations, os.path.abspath(dataset_dir or ".") if kind == "file" else None
+
+
+def _hub_reader(entry: dict, name: str, where: str) -> Callable[[str], Any]:
+    """A reader of a Hub data set (or a local snapshot folder of one) with the entry's ``subset``
+    (configuration), ``folder`` (data_dir) and ``split``, through :func:`datasets.load_dataset`."""
+
+    def read(repo: str) -> Any:
+        import datasets
+
+        try:
+            table = datasets.load_dataset(repo, name=entry.get("subset"), data_dir=entry.get("folder"),
+                                          split=entry.get("split", "train"))
+        except Exception as err:  # network, missing repo / subset / split: all end here, with the entry named
+            raise DataError(f"{where}, {name}: loading {repo!r} (subset {entry.get('subset')}, split "
+                            f"{entry.get('split', 'train')}) failed ({type(err).__name__}: {err})") from None
+        records = table.to_list()
+        return SimpleNamespace(records=records, locations=[f"record {i}" for i in range(1, len(records) + 1)])
+
+    return read
 
 
 def _v1_text(content: Any, where: str) -> str:
