@@ -197,6 +197,15 @@ def test_refused_in_one_line_exit_2(tmp_path, data_dir, capsys, keys, message, m
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_dataset_dir_on_the_command_line(data_dir):
+    g = parse("--dataset", "dpo_en_demo#3", str(data_dir / "ranked.json"), "--dataset_dir", str(data_dir),
+              "--eval_file", "kto_en_demo", "--model", "m", "--loss", "dpo")
+    assert g["data"].dataset == [f"{data_dir}/dataset_info.json::dpo_en_demo#3", str(data_dir / "ranked.json")]
+    assert g["data"].eval_file == [f"{data_dir}/dataset_info.json::kto_en_demo"]
+    with pytest.raises(ConfigError, match="no data set 'dpo_en_dem' in it; did you mean 'dpo_en_demo'"):
+        parse("--dataset", "dpo_en_dem", "--dataset_dir", str(data_dir))
+
+
 def test_hub_entry_offline_is_a_clear_error(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="ultrafeedback: hf_hub_url 'llamafactory/ultrafeedback_binarized' is on "

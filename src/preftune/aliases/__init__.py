@@ -41,6 +41,7 @@ from preftune.errors import ConfigError
 
 from .alma import ALMA_ALIASES, ALMA_DEFAULTS, ALMA_MARKERS
 from .base import ALMA, ORPO, SWIFT, Alias, Context, flash_attention_tokens
+from .dataset_info import resolve
 from .lf_v1 import is_v1, translate_v1
 from .llamafactory import KNOWN as LLAMAFACTORY_KEYS
 from .llamafactory import is_classic, translate_classic
@@ -121,12 +122,13 @@ def apply_aliases(argv: Sequence[str], valid: set[str], preset: Sequence[str] = 
         ConfigError: an alias with a value preftune cannot honour, or a command line that mixes the
             flags of two tools (their defaults differ).
     """
-    items = _items(argv)
+    notes: list[str] = []
+    items = _dataset_dir(_items(argv), notes)
     explicit: dict[str, list[str]] = {}
     for name, values in _items(preset) + items:
         if name is not None and name in valid and not (name in _BY_FLAG and _BY_FLAG[name].noted):
             explicit[name] = values
-    ctx = Context(valid=valid, explicit=explicit)
+    ctx = Context(valid=valid, explicit=explicit, notes=notes)
     flags = {name for name, _ in items if name is not None}
     tools = [tool for tool, markers in MARKERS.items()
              if any(m in flags and (m not in valid or m == "lora_adapter_dir") for m in markers)]
@@ -143,7 +145,10 @@ def apply_aliases(argv: Sequence[str], valid: set[str], preset: Sequence[str] = 
     for name, values in ordered:
         alias = _BY_FLAG.get(name) if name is not None else None
         if alias is None or not _active(alias, valid):
-            out += ([] if name is None else [f"--{name}"]) + values
+            if name is not None and len(values) == 1 and values[0].startswith("-"):
+                out.append(f"--{name}={values[0]}")  # `--key=-inf`: a value starting with '-' is not a flag
+            else:
+                out += ([] if name is None else [f"--{name}"]) + values
             continue
         out += alias.convert(name, values, ctx)
     defaults: list[str] = []
@@ -152,6 +157,34 @@ def apply_aliases(argv: Sequence[str], valid: set[str], preset: Sequence[str] = 
     for note in ctx.notes:
         logger.info("alias: %s", note)
     return AliasResult(defaults, out, tools, ctx.notes)
+
+
+def _dataset_dir(items: list, notes: list[str]) -> list:
+    """``--dataset_dir DIR`` (LLaMA-Factory's): the ``--dataset`` / ``--eval_file`` values that are not files
+    are names of ``DIR/dataset_info.json`` entries (``NAME#N`` too), resolved as in a LLaMA-Factory config."""
+    dirs = [values for name, values in items if name == "dataset_dir"]
+    if not dirs:
+        return items
+    if len(dirs[-1]) != 1:
+        raise ConfigError(f"--dataset_dir takes one folder, got {len(dirs[-1])}")
+    dataset_dir = dirs[-1][0]
+    out = []
+    for name, values in items:
+        if name == "dataset_dir":
+            continue
+        if name in ("dataset", "eval_file"):
+            resolved = []
+            for value in values:
+                path, _, count = value.partition("#")
+                if os.path.exists(path):
+                    resolved.append(value)
+                    continue
+                entry = resolve([path], dataset_dir, "--dataset_dir", "this", int(count) if count.isdigit() else None)
+                notes.append(f"--{name} {value}: {entry[0].note}")
+                resolved.append(entry[0].spec)
+            values = resolved
+        out.append((name, values))
+    return out
 
 
 def suggestion(name: str, valid: set[str], yaml: bool = False) -> Optional[str]:
@@ -206,8 +239,8 @@ def translate_yaml(config: dict, source: str, valid: set[str], cli: set[str]) ->
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
+        else:  # `--key=-inf`: a value starting with '-' is not taken for a flag (issue 25)
+            argv += [f"--{key}={value}"] if str(value).startswith("-") else [f"--{key}", str(value)]
     return argv
 
 
