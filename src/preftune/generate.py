@@ -73,6 +73,55 @@ def generate_side_by_side(model, tokenizer, records: list[dict], *, max_new_toke
     return out
 
 
+@torch.no_grad()
+def generate_from_pairs(model, tokenizer, pairs, *, max_new_tokens: int = 64) -> list[dict]:
+    """Greedy generations for tokenised pairs (:class:`preftune.types.TokenizedPair`, e.g. the eval
+    split after training): the prompt's token ids as they were trained on, decoded for display.
+
+    Same rows as :func:`generate_side_by_side` (``prompt``, ``base`` + ``adapter`` for a peft model,
+    else ``model``, and the pair's ``chosen`` / ``rejected`` decoded). Pairs with images and KTO's
+    unpaired examples (``label`` set) are skipped; the caller reports how many rows came back.
+    """
+    from preftune.data.vision import text_tokenizer
+    from preftune.engine.kinds import kind_for
+
+    was_training = model.training
+    model.eval()
+    tok = text_tokenizer(tokenizer)
+    after_prompt = kind_for(model).generates_after_prompt
+    device = next(model.parameters()).device
+    has_adapter = hasattr(model, "disable_adapter")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def decode(ids) -> str:
+        return tok.decode(ids, skip_special_tokens=True).strip()
+
+    out = []
+    try:
+        for pair in pairs:
+            if pair.images is not None or pair.label is not None:
+                continue
+            ids = torch.tensor([pair.prompt_ids], device=device)
+            enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+            def run(enc=enc) -> str:
+                new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                return decode(new[0, enc["input_ids"].shape[1] if after_prompt else 1:])
+
+            row = {"prompt": decode(pair.prompt_ids), "chosen": decode(pair.chosen_ids),
+                   "rejected": decode(pair.rejected_ids)}
+            if has_adapter:
+                with model.disable_adapter():
+                    row["base"] = run()
+                row["adapter"] = run()
+            else:
+                row["model"] = run()
+            out.append(row)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def to_markdown(rows: list[dict]) -> str:
     """One ``###`` section per prompt, each answer in a quoted block."""
     parts = []

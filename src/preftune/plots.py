@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 DEFAULT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -26,18 +27,21 @@ def load_log_history(run_dir: str | Path) -> list[dict]:
     raise FileNotFoundError(f"no trainer_state.json in {run_dir} or its checkpoints")
 
 
-def plot_metrics(run_dir: str | Path, metrics=DEFAULT_METRICS, out: str | Path | None = None) -> Path:
+def plot_metrics(run_dir: str | Path, metrics=DEFAULT_METRICS, out: str | Path | None = None,
+                 history: list[dict] | None = None) -> Path:
     """One panel per metric: the train curve and, where logged, the eval points (``eval_<name>``).
 
-    Returns the PNG path (default ``run_dir/metrics.png``). Metrics never logged are skipped;
-    raises ``ValueError`` when none of them was logged.
+    ``history``: a log history to draw instead of ``run_dir``'s ``trainer_state.json`` (a live
+    trainer's, at a checkpoint). Returns the PNG path (default ``run_dir/metrics.png``), written
+    atomically (a temporary file, then renamed). Metrics never logged are skipped; raises
+    ``ValueError`` when none of them was logged.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = load_log_history(run_dir)
+    history = load_log_history(run_dir) if history is None else history
     present = [m for m in metrics if any(m in h or f"eval_{m}" in h for h in history)]
     if not present:
         raise ValueError(f"none of {', '.join(metrics)} was logged in {run_dir}")
@@ -57,8 +61,10 @@ def plot_metrics(run_dir: str | Path, metrics=DEFAULT_METRICS, out: str | Path |
         ax.axis("off")
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "metrics.png"
-    fig.savefig(out, dpi=110)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, out)  # a reader (a browser, a crash) never sees half a PNG
     return out
 
 

@@ -7,12 +7,15 @@
   tokenizer (+ LoRA), data, reference log-probs; the TRL door runs the same function), the trainer;
 * :func:`train` — ``Trainer.train`` (resuming from ``latest`` or a path when asked);
 * :func:`save` — adapter or model + tokenizer, ``trainer_state.json`` (with ``log_history``),
-  ``train_results.json`` and the resolved ``preftune_config.yaml``.
+  ``train_results.json`` and the resolved ``preftune_config.yaml``;
+* ``report.html`` and ``metrics.png`` (:mod:`preftune.report`) at every checkpoint and after the final
+  save, with the eval split's reward margins before and after training (:class:`ReportHook`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from typing import Any, NamedTuple, Optional, Union
 
 from preftune import outputs
 from preftune.cli_args import config_to_yaml
-from preftune.config import RunConfig
+from preftune.config import ConfigError, RunConfig
+from preftune.report import ReportHook
 from preftune.run_setup import prepare_run
 from preftune.trainer import PreferenceTrainer
 from preftune.trl_support import disable_dropout
@@ -45,6 +49,10 @@ def setup(config: RunConfig) -> Run:
     (:func:`preftune.run_setup.prepare_run`: seed, model, data, reference) and the trainer.
     ``--disable_dropout`` (default true, as TRL and :mod:`preftune.trl`): every dropout of the model and
     of LoRA set to 0, so both doors train the same way."""
+    if config.training.disable_tqdm:  # every tqdm bar of the run (reference pass, GGUF, evaluation), not only the Trainer's
+        os.environ["TQDM_DISABLE"] = "1"
+    if getattr(config.training, "report_generations", 0) < 0:
+        raise ConfigError(f"--report_generations must be >= 0, got {config.training.report_generations}")
     dropout_off = getattr(config.training, "disable_dropout", False)
     if dropout_off and config.peft.use_peft and config.peft.lora_dropout:
         logger.info("--disable_dropout true: --lora_dropout %s not applied (LoRA dropout 0, as TRL); "
@@ -60,6 +68,7 @@ def setup(config: RunConfig) -> Run:
                 disable_dropout(module)
     trainer = PreferenceTrainer(**prepared.trainer_kwargs())
     trainer.run_config_yaml = prepared.config_yaml  # written into every checkpoint (resume checks it)
+    outputs.check_room_for_run(trainer)  # a full disk fails now, not at the first save
     return Run(config, prepared.model, prepared.tokenizer, trainer, prepared.data.report)
 
 
@@ -108,6 +117,8 @@ def run(config: RunConfig) -> dict[str, float]:
     """The whole lifecycle; returns the train metrics (plus the final eval metrics when there is an eval split)."""
     try:
         r = setup(config)
+        report = ReportHook(r.trainer, r.model, r.tokenizer, config, r.data_report)
+        report.before_training()  # the eval split's margins at step 0; report.html at every checkpoint
         metrics = train(r)
         if r.trainer.eval_dataset is not None:
             state = r.trainer.state
@@ -118,9 +129,41 @@ def run(config: RunConfig) -> dict[str, float]:
                 eval_metrics = r.trainer.evaluate()
             metrics.update(eval_metrics)  # save() writes them to eval_results.json too
         save(r, metrics)
+        report.after_training()  # margins after, --report_generations, report.html and metrics.png
     finally:  # the output directory's lock (taken by setup), so a later run in another process may use it
         outputs.release_output_dir(config.training.output_dir)
     return metrics
+
+
+CLI_LOGGING_STEPS = 10  # --logging_steps' default in preftune.cli_args (an explicit value is kept)
+LOG_POINTS = 50  # about this many logged points per run when --logging_steps is not given
+
+
+def logging_steps_given(argv: list[str]) -> bool:
+    """Whether ``preftune train``'s arguments set ``--logging_steps``: as a flag, or as a key of the
+    YAML file given first (a LLaMA-Factory or ms-swift default arrives as another value than 10)."""
+    if any(a == "--logging_steps" or a.startswith("--logging_steps=") for a in argv):
+        return True
+    if argv and not argv[0].startswith("-") and Path(argv[0]).is_file():
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(argv[0]).read_text())
+        except (OSError, yaml.YAMLError):
+            return False  # parse_groups has already reported a broken file
+        return isinstance(loaded, dict) and "logging_steps" in loaded
+    return False
+
+
+def apply_logging_default(config: RunConfig, given: bool) -> None:
+    """No ``--logging_steps`` given: log about :data:`LOG_POINTS` points per run, whatever its length
+    (a curve on a 20-step demo, not 2 points; not 5,000 points on a long run). transformers reads a
+    ``logging_steps`` below 1 as a share of the run's total steps (``ceil(max_steps · ratio)``, at
+    least every step), so the ratio ``1 / LOG_POINTS`` does it once the step count is known. The TRL
+    door keeps TRL's ``logging_steps`` default."""
+    args = config.training
+    if not given and args.logging_steps == CLI_LOGGING_STEPS and args.logging_strategy == "steps":
+        args.logging_steps = 1 / LOG_POINTS
 
 
 class TrainResult(NamedTuple):
@@ -163,6 +206,8 @@ def run_config(config: Union[dict, str, Path, tuple], **overrides: Any) -> Train
     else:
         raise ConfigError(f"{source}: expected a dict, a YAML path or a tuple of config groups, "
                           f"got {type(config).__name__}")
+    given = "logging_steps" in config if isinstance(config, dict) else logging_steps_given([str(config)])
+    apply_logging_default(groups, given or "logging_steps" in overrides)
     metrics = run(groups)
     return TrainResult(Path(groups.training.output_dir), metrics)
 

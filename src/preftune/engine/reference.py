@@ -61,6 +61,16 @@ def pair_key(pair: TokenizedPair) -> str:
     return h.hexdigest()
 
 
+def progress_bar(total: int, desc: str, unit: str = "pair"):
+    """A tqdm bar (count, rate, time left) for a long pass over ``total`` items; shown on the main
+    process only. ``TQDM_DISABLE=1`` (set by ``--disable_tqdm true``, :func:`preftune.train.setup`)
+    hides it, as every other tqdm bar of the run."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                **({} if is_main_process() else {"disable": True}))
+
+
 def compute_reference_logps(
     model: torch.nn.Module,
     pairs: list[TokenizedPair],
@@ -73,7 +83,8 @@ def compute_reference_logps(
     """Summed reference log-probs of chosen and rejected, ``(N,)`` float64 each (nats).
 
     Runs the model in eval mode under ``torch.no_grad()`` and ``reference_context()`` (or as
-    is when it is None: pass a separate reference model then), shared-prompt packed layout.
+    is when it is None: pass a separate reference model then), shared-prompt packed layout, with a
+    progress bar (:func:`progress_bar`).
     """
     was_training = model.training
     model.eval()
@@ -81,6 +92,7 @@ def compute_reference_logps(
     chosen, rejected = [], []
     ctx = reference_context or contextlib.nullcontext
     collate = kind_for(model).collate  # the layout of the model's kind (encoder–decoder, images ...)
+    bar = progress_bar(len(pairs), "reference log-probs")
     try:
         with torch.no_grad(), ctx():
             for start in range(0, len(pairs), batch_size):
@@ -89,8 +101,10 @@ def compute_reference_logps(
                 out = sequence_logps(model, batch, chunk_size)
                 chosen.append(out.chosen_logps.double().cpu())
                 rejected.append(out.rejected_logps.double().cpu())
+                bar.update(min(batch_size, len(pairs) - start))
                 fault_point("reference")
     finally:
+        bar.close()
         model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 

@@ -11,6 +11,7 @@ it as quantised; :func:`strip_quantization_marker` removes it (the weights are d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -148,13 +149,40 @@ def _dequantise_gguf(gguf_file: Path, trust_remote_code: bool):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _one_progress_bar(desc: str):
+    """One progress bar for a conversion: transformers' own bars during it (tensor dequantisation,
+    ``Loading weights``, ``Writing model shards``) become a single bar over the GGUF tensors, named
+    ``desc``; ``TQDM_DISABLE=1`` (``--disable_tqdm``) hides it too."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    original = gguf_utils.tqdm  # the bar over the GGUF tensors (the slow part: dequantisation)
+
+    def bar(iterable=None, *args, **kwargs):
+        kwargs.update(desc=desc, unit="tensor", dynamic_ncols=True)
+        return original(iterable, *args, **kwargs)
+
+    hf_logging.disable_progress_bar()  # the other bars (weights loading, shard writing) are instant here
+    gguf_utils.tqdm = bar
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf_file: Path, target: Path, trust_remote_code: bool) -> None:
-    """Dequantise ``gguf_file`` and write model + tokenizer as safetensors into ``target`` (new dir)."""
+    """Dequantise ``gguf_file`` and write model + tokenizer as safetensors into ``target`` (new dir),
+    under one progress bar (:func:`_one_progress_bar`)."""
     start = time.perf_counter()
     logger.info("Converting GGUF %s (one-off, cached in %s)", gguf_file, target)
-    model, tokenizer = _dequantise_gguf(gguf_file, trust_remote_code)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    with _one_progress_bar(f"GGUF {gguf_file.name} → safetensors (one-off)"):
+        model, tokenizer = _dequantise_gguf(gguf_file, trust_remote_code)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
     stat = gguf_file.stat()
     (target / _CACHE_MARKER).write_text(json.dumps(
         {"gguf_file": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
