@@ -202,16 +202,16 @@ def prepare_kto(data: Any, *, kl: bool, batch_size: int, max_length: Optional[in
     ``eval`` a list, a dict of named lists or None) into KTO examples in place (:func:`kto_examples`,
     eval sets with the training ``batch_size`` as TRL does); returns the report lines.
 
-    Raises :class:`~preftune.errors.ConfigError`: ``kl`` with ``batch_size`` < 2 (the KL partner of a
-    lone example is its own completion: the KL estimate would equal the example's own reward, as TRL
-    says when it refuses it).
+    ``batch_size`` 1 (LLaMA-Factory's and ms-swift's KTO examples use it; TRL refuses it because its
+    rotation would make each example its own KL partner): partners rotate within blocks of 2, so every
+    partner is another example's completion and each step's KL estimate rests on one mismatched pair
+    (a warning says so).
     """
-    from preftune.errors import ConfigError
-
     if kl and batch_size < 2:
-        raise ConfigError(f"--loss kto estimates its KL term from the other completions of a batch: "
-                          f"--per_device_train_batch_size must be at least 2, got {batch_size} (or use --loss "
-                          "apo_zero_unpaired, which has no KL term)")
+        logger.warning("data: --loss kto with --per_device_train_batch_size %d: each example's KL partner is the "
+                       "completion of its neighbour in blocks of 2 examples, so each step's KL estimate rests on %d "
+                       "mismatched pair(s); a batch of 4 or more estimates it better", batch_size, batch_size)
+        batch_size = 2
     lines: list[str] = []
     options = dict(batch_size=batch_size, max_length=max_length, kl=kl, desirable_weight=desirable_weight,
                    undesirable_weight=undesirable_weight, say=lines.append)
