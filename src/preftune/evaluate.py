@@ -60,7 +60,7 @@ def evaluate_pairs(model, pairs: list[TokenizedPair], loss_args: LossArguments, 
     model.eval()
     try:
         for chunk, scores in scored_batches(model, pairs, engine_args, batch_size=batch_size,
-                                            pad_token_id=pad_token_id):
+                                            pad_token_id=pad_token_id, progress="evaluate"):  # issue 26: a bar
             out = compute_loss(scores, loss_args)
             sums["loss"] = sums.get("loss", 0.0) + float(out.losses.sum())
             for key, value in out.metrics.items():

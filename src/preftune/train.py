@@ -206,7 +206,10 @@ def run_config(config: Union[dict, str, Path, tuple], **overrides: Any) -> Train
     else:
         raise ConfigError(f"{source}: expected a dict, a YAML path or a tuple of config groups, "
                           f"got {type(config).__name__}")
-    given = "logging_steps" in config if isinstance(config, dict) else logging_steps_given([str(config)])
+    if isinstance(config, tuple):  # groups parsed by the caller: their logging_steps is kept as it is
+        given = True
+    else:
+        given = "logging_steps" in config if isinstance(config, dict) else logging_steps_given([str(config)])
     apply_logging_default(groups, given or "logging_steps" in overrides)
     metrics = run(groups)
     return TrainResult(Path(groups.training.output_dir), metrics)
