@@ -2,7 +2,8 @@
 
 Configuration and data errors are printed as one clear message (no traceback) and exit with
 status 2; a run stopped by the non-finite guard (:class:`preftune.guard.NonFiniteError`) exits
-with status 3; ``PREFTUNE_DEBUG=1`` shows the traceback.
+with status 3; a full disk (:class:`preftune.errors.DiskFullError`, or any ``ENOSPC``) with status 4;
+``PREFTUNE_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     _setup_logging()
-    from preftune.errors import EXIT_NON_FINITE, EXIT_USER_ERROR, USER_ERRORS, NonFiniteError
+    from preftune.errors import EXIT_DISK_FULL, EXIT_NON_FINITE, EXIT_USER_ERROR, USER_ERRORS, NonFiniteError
 
     try:
         return COMMANDS[command](rest)
@@ -128,6 +129,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # one line
         print(f"preftune {command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # a full disk (DiskFullError from the writers, or any other ENOSPC): one line, exit 4
+        if os.environ.get("PREFTUNE_DEBUG") or exc.errno not in (28, 122):  # ENOSPC, EDQUOT
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"preftune {command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -172,8 +172,8 @@ def _yaml_to_argv(config: dict[str, Any], source: str, valid: set[str]) -> list[
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
+        else:  # `--key=-inf`: a value starting with '-' is not taken for a flag
+            argv += [f"--{key}={value}"] if str(value).startswith("-") else [f"--{key}", str(value)]
     return argv
 
 
@@ -215,6 +215,10 @@ def parse_groups(argv: list[str], groups=TRAIN_GROUPS, prog: str = "preftune tra
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:  # issue 25: the line of the first byte that is not UTF-8
+            line = exc.object[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                              "save the file as UTF-8") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of flag names to values")
         from preftune.aliases import translate_yaml

@@ -1,14 +1,16 @@
 """preftune's error types, all in one place.
 
 The CLI (:mod:`preftune.cli`) prints every one of them as one line, without a traceback, and exits
-with :data:`EXIT_USER_ERROR` (bad configuration, data or model) or :data:`EXIT_NON_FINITE` (a run
-that produced non-finite numbers). Nothing here imports from preftune: every layer may raise them.
+with :data:`EXIT_USER_ERROR` (bad configuration, data or model), :data:`EXIT_NON_FINITE` (a run
+that produced non-finite numbers) or :data:`EXIT_DISK_FULL` (no room for a checkpoint or the
+output). Nothing here imports from preftune: every layer may raise them.
 """
 
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2  # ConfigError, DataError, ModelLoadError (and UnsupportedModelError)
 EXIT_NON_FINITE = 3  # NonFiniteError
+EXIT_DISK_FULL = 4  # DiskFullError: not enough free space for a checkpoint or the final output
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,15 @@ class NonFiniteError(RuntimeError):
     The message is one line: the step, the batch's records, the non-finite terms and the last
     finite (complete) checkpoint. The CLI prints it and exits with :data:`EXIT_NON_FINITE`.
     """
+
+
+class DiskFullError(OSError):
+    """Not enough free space to write a checkpoint, the final output or the output directory's lock.
+
+    The message is one line: the directory, the bytes needed (estimated before the first save, or
+    what was being written) and the bytes free. The CLI prints it and exits with
+    :data:`EXIT_DISK_FULL`; the writer has removed its partial directory and the run's lock is
+    released as the process ends."""
 
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError)

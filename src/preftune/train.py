@@ -69,6 +69,7 @@ def setup(config: RunConfig) -> Run:
     trainer = PreferenceTrainer(**prepared.trainer_kwargs())
     trainer.run_config_yaml = prepared.config_yaml  # written into every checkpoint (resume checks it)
     outputs.check_room_for_run(trainer)  # a full disk fails now, not at the first save
+    outputs.check_room_for_run(trainer)  # a full disk fails now, not at the first save
     return Run(config, prepared.model, prepared.tokenizer, trainer, prepared.data.report)
 
 

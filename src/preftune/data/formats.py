@@ -202,7 +202,14 @@ def normalise(raw: RawData, data_args: Any, fmt: Optional[str] = None) -> Format
                 out.kind = "messages"
                 pair = _split_messages(here, here.messages(record, "chosen"), here.messages(record, "rejected"))
             else:
-                pair = _split_text(here, here.text(record, "chosen"), here.text(record, "rejected"))
+                try:
+                    pair = _split_text(here, here.text(record, "chosen"), here.text(record, "rejected"))
+                except DataError:  # `"prompt": null` made the records look implicit: name 'prompt'
+                    if "prompt" not in record:
+                        raise
+                    raise DataError(f"{where(raw.source, location, 'prompt')}: null; give the prompt text (without "
+                                    "it the prompt is the text chosen and rejected start with, and they share none)"
+                                    ) from None
                 multi_turn += any(HUMAN_MARKER in pair[name] for name in ("chosen", "rejected"))
                 empty_reply += any(not pair[name].strip() for name in ("chosen", "rejected"))
         with_images += _attach_images(here, record, pair, raw.base_dir)

@@ -303,11 +303,15 @@ def _read_with_datasets(path: str, builder: str, limit: Optional[int]) -> RawDat
 def _csv_options(path: str) -> dict:
     """Every CSV column read as text, as written: no number inference (an answer ``4`` stays the
     string ``"4"``), no ``NA``/``null``/``None`` turned into missing values (an empty cell is ``""``);
-    a UTF-8 byte-order mark is accepted."""
+    a UTF-8 byte-order mark is accepted. A byte that is not UTF-8 is a :class:`DataError` naming
+    its line."""
     import csv
 
     import datasets
 
+    with _open_binary(path) as handle:  # every line UTF-8 (the line named), before pandas reads it
+        for number, raw_line in enumerate(handle, start=1):
+            _decode(raw_line, path, number)
     with open(path, encoding="utf-8-sig", newline="") as handle:
         header = next(csv.reader(handle), None)
     if not header:

@@ -1,8 +1,9 @@
 """``preftune mt``: build-triplets, translate, evaluate (the ALMA-R loop).
 
 The main CLI calls :func:`add_mt_parser`; ``python -m preftune.mt.cli ...`` runs it stand-alone.
-Each sub-command's function takes the parsed arguments and returns an exit code (0 ok, 1 error;
-errors are printed as one line on stderr).
+Each sub-command's function takes the parsed arguments and returns an exit code (0 ok; 2 a user
+error such as bad input or a missing file, 4 a full disk, 1 any other error; errors are printed as
+one line on stderr, ``preftune mt: error: ...``).
 """
 
 from __future__ import annotations
@@ -87,8 +88,22 @@ def add_mt_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 1
+    """One line on stderr, ``preftune mt: error: ...``; the exit status: 2 for a user error (bad
+    input, a missing file), 4 for a full disk (:data:`preftune.errors.EXIT_DISK_FULL`), 1 otherwise.
+    ``PREFTUNE_DEBUG=1`` raises ``err`` instead (the traceback)."""
+    import errno
+    import os
+
+    from preftune.errors import EXIT_DISK_FULL, EXIT_USER_ERROR
+
+    if os.environ.get("PREFTUNE_DEBUG"):
+        raise err
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    print(f"preftune mt: error: {message}", file=sys.stderr)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return EXIT_DISK_FULL
+    user = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    return EXIT_USER_ERROR if isinstance(err, user) else 1
 
 
 def run_build_triplets(args) -> int:

@@ -62,6 +62,17 @@ def load_references(path: str | Path, src: str, tgt: str) -> list[str]:
     return read_lines(path)
 
 
+def _count_mismatch(hyp_file, hyps: list[str], ref_file, refs: list[str], limit: int | None) -> str:
+    """One line for a hypothesis file whose segment count differs from the references': the file, the
+    first line without a partner (a missing hypothesis, or one more than there are references)."""
+    after = f" (after --limit {limit})" if limit else ""
+    if len(hyps) < len(refs):
+        return (f"{hyp_file}: line {len(hyps) + 1}: missing: {len(hyps)} hypotheses but {len(refs)} references "
+                f"in {ref_file}{after}; one hypothesis per reference line")
+    return (f"{hyp_file}: line {len(refs) + 1}: one hypothesis more than the {len(refs)} references in "
+            f"{ref_file}{after} ({len(hyps)} lines); one hypothesis per reference line")
+
+
 def evaluate_systems(groups: list[tuple[str, str, list[str]]], comet=None,
                      limit: int | None = None) -> dict[str, dict[str, dict]]:
     """Score every hypothesis file of every (pair, reference file) group.
@@ -91,8 +102,7 @@ def evaluate_systems(groups: list[tuple[str, str, list[str]]], comet=None,
             if limit is not None:
                 hyps = hyps[:limit]
             if len(hyps) != len(refs):
-                raise ValueError(f"line counts differ: {hf} has {len(hyps)} lines, references {ref_file} "
-                                 f"have {len(refs)}" + (f" (after --limit {limit})" if limit else ""))
+                raise ValueError(_count_mismatch(hf, hyps, ref_file, refs, limit))
             name = system_name(hf, src, tgt)
             if name in table:
                 raise ValueError(f"two outputs named {name!r} for {pair}: {table[name]['file']} and {hf}")

@@ -35,17 +35,33 @@ def read_lines(path: str | Path) -> list[str]:
 
     Raises:
         FileNotFoundError: the file does not exist.
+        ValueError: a line that is not UTF-8 text (file, line and byte named).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
-        return [line.rstrip() for line in fh]
+    with path.open("rb") as fh:
+        return [_utf8(raw, path, number).rstrip() for number, raw in enumerate(fh, start=1)]
+
+
+def _utf8(data: bytes, path: Path, number: int) -> str:
+    """``data`` (line ``number`` of ``path``, 1-based, or the whole file from line 1) decoded as UTF-8;
+    a UTF-8 byte-order mark at the start of the file is dropped.
+
+    Raises:
+        ValueError: not UTF-8; the message names the file, the line of the first bad byte and the byte.
+    """
+    try:
+        return data.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        line = number + data[:err.start].count(b"\n")
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({err.reason}, byte {data[err.start]:#04x}); "
+                         "save the file as UTF-8") from None
 
 
 def _load_json_records(path: Path) -> list:
     """A JSON list, or JSON Lines (one object per line)."""
-    text = path.read_text(encoding="utf-8")
+    text = _utf8(path.read_bytes(), path, 1)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -16,6 +16,9 @@
   gets the resolved config and the marker, and is renamed to ``checkpoint-N`` (one atomic
   ``rename`` on a POSIX file system). :func:`save_final` does the same for the final files
   (staged in ``.partial-final/``, moved one by one with ``os.replace``, marker last).
+* A full disk (:mod:`preftune.outputs.space`): room for one checkpoint (or the final output) is
+  checked before the first step and before every save; ``ENOSPC`` while writing removes the
+  partial directory and raises :class:`preftune.errors.DiskFullError` (exit status 4).
 * Only the main process writes (``Trainer.args.should_save`` in the trainer; :func:`is_main_process`,
   from ``$RANK``, before the trainer exists).
 """
@@ -41,8 +44,10 @@ from preftune.outputs.output_dir import (
     release_output_dir,
 )
 from preftune.outputs.saving import CrashSafeCheckpointMixin, save_final
+from preftune.outputs.space import check_free_space, check_room_for_run, checkpoint_bytes
 
-__all__ = ["MARKER", "RESUME_KEYS", "CrashSafeCheckpointMixin", "atomic_write_text", "check_resume_config",
+__all__ = ["MARKER", "RESUME_KEYS", "CrashSafeCheckpointMixin", "atomic_write_text", "check_free_space",
+           "check_resume_config", "check_room_for_run", "checkpoint_bytes",
            "checkpoint_dirs", "describe_contents", "is_main_process", "latest_complete_checkpoint",
            "lock_output_dir", "prepare_output_dir", "release_output_dir", "resolve_checkpoint", "save_final",
            "verify_complete", "write_marker"]

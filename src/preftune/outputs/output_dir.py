@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from preftune.config import RunConfig
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DiskFullError
 from preftune.outputs.files import (
     _CHECKPOINT_RE,
     _IGNORED,
@@ -24,6 +25,7 @@ from preftune.outputs.files import (
     is_main_process,
     resolve_checkpoint,
 )
+from preftune.outputs.space import check_min_free
 
 logger = logging.getLogger("preftune.outputs")
 
@@ -94,8 +96,13 @@ def lock_output_dir(out: str | os.PathLike) -> None:
         os.close(fd)
         raise ConfigError(f"--output_dir {out}: another preftune run is using it"
                           + (f" (pid {holder})" if holder else "") + "; wait for it or choose another --output_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as exc:  # a full disk: the lock file exists, its pid cannot be written
+        os.close(fd)
+        raise DiskFullError(exc.errno, f"--output_dir {out}: cannot write its lock file {LOCK_NAME} "
+                            f"({exc.strerror}); free some space or choose another --output_dir") from None
     _LOCKS[str(path)] = fd
 
 
@@ -115,8 +122,12 @@ def _probe_writable(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(exc.errno, f"--output_dir {out}: no space left on the device; free some space or "
+                                "choose another --output_dir") from None
         reason = exc.strerror or str(exc)
         raise ConfigError(f"--output_dir {out} is not writable ({reason}); choose a directory you can write to") from None
+    check_min_free(out)  # an empty probe file fits even on a full disk
 
 
 def _resume_values(config: dict[str, Any], groups: RunConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from preftune.outputs.files import (
     atomic_write_text,
     write_marker,
 )
+from preftune.outputs.space import guard_checkpoint, guard_final
 
 
 # ---- crash-safe writes ---------------------------------------------------------------------------
@@ -45,6 +46,7 @@ class CrashSafeCheckpointMixin:
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    @guard_checkpoint  # room checked first; a full disk: one DiskFullError, the partial directory removed
     def _save_checkpoint(self, model, trial) -> None:
         from transformers.trainer_utils import rotate_checkpoints
 
@@ -85,6 +87,7 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=4, sort_keys=True))
 
 
+@guard_final  # room checked first; a full disk: one DiskFullError, the partial directory removed
 def save_final(trainer, model, tokenizer, metrics: dict[str, float], files: dict[str, str]) -> Path:
     """The final save, crash-safe: adapter (or model) + tokenizer, ``train_results.json`` (all
     ``metrics``), ``eval_results.json`` (the ``eval_*`` ones), ``all_results.json``,
