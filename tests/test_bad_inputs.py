@@ -79,8 +79,10 @@ def bad_models(tiny_model_dir, tmp_path_factory):
 
 def _argv(case: dict, placeholders: dict, output_dir: Path) -> list[str]:
     def fill(text: str) -> str:
-        return text.format(**placeholders)
+        return text.format(**placeholders, out=output_dir)
 
+    if case.get("argv"):  # another sub-command (generate, score, evaluate, plot, mt ...): the whole command line
+        return [fill(str(a)) for a in case["argv"]]
     argv = ["train"]
     if case.get("config"):
         argv.append(str(BAD / case["config"]))
@@ -91,9 +93,14 @@ def _argv(case: dict, placeholders: dict, output_dir: Path) -> list[str]:
     return argv + [fill(str(a)) for a in case.get("args", [])]
 
 
+def _prefix(case: dict) -> str:
+    """``preftune train: error: `` (``preftune mt: error: `` ...: the case's sub-command)."""
+    return f"preftune {case['argv'][0]}: error: " if case.get("argv") else ERROR_PREFIX
+
+
 def _check_message(case: dict, stderr: str) -> None:
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+    errors = [line for line in stderr.splitlines() if line.startswith(_prefix(case))]
     assert len(errors) == 1, f"expected one error line, got:\n{stderr[-3000:]}"
     message = errors[0].lower()
     wanted = list(case["expect"]) + ([case["file"]] if case.get("file") else [])
@@ -122,7 +129,7 @@ def test_corpus_manifest():
             used.add(case["file"])
         if case.get("config") and (BAD / case["config"]).exists():
             used.add(case["config"])
-        for arg in case.get("args", []):
+        for arg in [*case.get("args", []), *case.get("argv", [])]:
             used.update(name for name in re.findall(r"\{bad\}/([^#\s]+)", str(arg)) if (BAD / name).exists())
     unused = {p.name for p in BAD.iterdir()} - used - {p.name for p in CASE_FILES}
     assert not unused, f"files in tests/data/bad/ used by no case: {sorted(unused)}"
@@ -130,11 +137,16 @@ def test_corpus_manifest():
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.get("env")], ids=lambda c: c["id"])
 def test_bad_input(case, placeholders, tmp_path, capsys, monkeypatch):
-    """In-process: exit status 2, one line naming file / record / field (or flag), no traceback."""
+    """In-process: exit status 2 (or the case's ``exit``), one line naming file / record / field (or
+    flag), no traceback. ``free_bytes: N``: the output file system reports N bytes free (a full disk)."""
     monkeypatch.delenv("PREFTUNE_DEBUG", raising=False)
+    if "free_bytes" in case:
+        import preftune.outputs.space
+
+        monkeypatch.setattr(preftune.outputs.space, "free_bytes", lambda directory: case["free_bytes"])
     status = main(_argv(case, placeholders, tmp_path / "out"))
     stderr = capsys.readouterr().err
-    assert status == 2, stderr[-3000:]
+    assert status == case.get("exit", 2), stderr[-3000:]
     _check_message(case, stderr)
 
 
@@ -146,7 +158,7 @@ def test_bad_input_subprocess(case, placeholders, tmp_path):
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, **case.get("env", {}))
     proc = subprocess.run([str(script), *_argv(case, placeholders, tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == case.get("exit", 2), proc.stderr[-3000:]
     _check_message(case, proc.stderr)
 
 
