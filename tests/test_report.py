@@ -116,6 +116,7 @@ def test_report_command_compares_runs(tmp_path, capsys):
     html = (tmp_path / "both.html").read_text()
     assert "2 runs compared" in html and "loss: cpo" in html and "loss: sft" in html
     summary = html[html.index('id="summary"'):html.index('id="curves"')]
-    assert "<th>cpo</th><th>sft</th>" in summary and "0.5" in summary and "0.75" in summary
+    assert "<th>cpo: train</th><th>cpo: eval</th><th>sft: train</th><th>sft: eval</th>" in summary
+    assert "<td>loss</td><td class=\"num\">0.5</td><td class=\"num\"></td><td class=\"num\">0.75</td>" in summary
     assert main(["report", str(tmp_path / "nothing")]) == 2  # not a run directory: one line, exit 2
     assert "not found" in capsys.readouterr().err

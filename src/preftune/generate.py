@@ -96,9 +96,12 @@ def generate_from_pairs(model, tokenizer, pairs, *, max_new_tokens: int = 64) ->
     def decode(ids) -> str:
         return tok.decode(ids, skip_special_tokens=True).strip()
 
+    from tqdm.auto import tqdm
+
     out = []
     try:
-        for pair in pairs:
+        for pair in tqdm(pairs, desc="generations (base, tuned)" if has_adapter else "generations", unit="prompt",
+                         dynamic_ncols=True):
             if pair.images is not None or pair.label is not None:
                 continue
             ids = torch.tensor([pair.prompt_ids], device=device)

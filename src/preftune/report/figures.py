@@ -84,8 +84,9 @@ def margin_figure(margins: dict[str, list[float]]) -> Optional[str]:
     lo, hi = min(values), max(values)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    bins = [lo + (hi - lo) * i / 30 for i in range(31)]
-    fig, ax = plt.subplots(figsize=(6.0, 2.9))
+    n_bins = max(6, min(30, 2 * round(math.sqrt(max(len(v) for _, v in parts)))))  # few pairs: few bins
+    bins = [lo + (hi - lo) * i / n_bins for i in range(n_bins + 1)]
+    fig, ax = plt.subplots(figsize=(6.0, 3.1))
     for (name, v), color in zip(parts, ("#7f7f7f", "#1f77b4")):
         acc = sum(x > 0 for x in v) / len(v)
         ax.hist(v, bins=bins, alpha=0.55, color=color,
@@ -94,6 +95,6 @@ def margin_figure(margins: dict[str, list[float]]) -> Optional[str]:
     ax.set_xlabel("reward margin (chosen − rejected)", fontsize=9)
     ax.set_ylabel("eval pairs", fontsize=9)
     ax.tick_params(labelsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the bars
     ax.grid(alpha=0.3)
     return to_data_uri(fig)

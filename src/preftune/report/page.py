@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,14 +39,14 @@ def _ordered_curves(runs: list[RunData]) -> list[str]:
 
 
 def _summary_rows(runs: list[RunData], curves: list[str]) -> list[dict[str, Any]]:
+    """One row per metric: for each run, the last train value and the last eval value (``eval_<name>``)."""
     finals = [run.final_metrics() for run in runs]
-    keys: list[str] = []
-    for name in curves:
-        keys += [k for k in (name, f"eval_{name}") if any(k in f for f in finals)]
-    keys += [k for k in ("train_loss", "train_runtime") if any(k in f for f in finals)]
-    rows = [{"name": k, "cells": [_fmt(f.get(k)) for f in finals]} for k in keys]
+    names = [n for n in curves if any(n in f or f"eval_{n}" in f for f in finals)]
+    names += [k for k in ("train_loss", "train_runtime") if any(k in f for f in finals)]
+    rows = [{"name": n, "cells": [c for f in finals for c in (_fmt(f.get(n)), _fmt(f.get(f"eval_{n}")))]}
+            for n in names]
     steps = [max((h.get("step", 0) for h in run.history), default=0) for run in runs]
-    rows.insert(0, {"name": "steps", "cells": [str(s) for s in steps]})
+    rows.insert(0, {"name": "steps", "cells": [c for s in steps for c in (str(s), "")]})
     return rows
 
 
@@ -95,6 +96,7 @@ def write_report(run_dir: str | Path, *, history: Optional[list[dict]] = None, o
     run = load_run(run_dir, history=history)
     target = Path(out) if out else Path(run_dir) / REPORT_FILE
     atomic_write_text(target, render_runs([run]))
+    os.chmod(target, 0o644)  # a page to open and share (atomic writes start as 0600)
     if plot and run.history:
         try:
             plot_metrics(run_dir, history=run.history)
@@ -114,4 +116,5 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path, title: Optiona
             for d, n in zip(dirs, names)]
     target = Path(out)
     atomic_write_text(target, render_runs(runs, title))
+    os.chmod(target, 0o644)
     return target

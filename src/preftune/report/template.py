@@ -23,7 +23,7 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #d8dee4; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f0f3f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-pre { background: #f6f8fa; padding: 8px; overflow-x: auto; font-size: 12px; max-height: 420px; }
+pre { background: #f6f8fa; padding: 8px; overflow: auto; font-size: 12px; max-height: 420px; white-space: pre-wrap; }
 .gen td { white-space: pre-wrap; max-width: 360px; font-size: 12px; }
 .muted { color: #666; font-size: 13px; }
 </style></head>
@@ -33,7 +33,7 @@ pre { background: #f6f8fa; padding: 8px; overflow-x: auto; font-size: 12px; max-
 <main>
 <section id="summary"><h2>Summary</h2>
 {% if summary_rows %}
-<table><tr><th>metric</th>{% for run in runs %}<th>{{ run.name }}</th>{% endfor %}</tr>
+<table><tr><th>metric</th>{% for run in runs %}<th>{{ run.name }}: train</th><th>{{ run.name }}: eval</th>{% endfor %}</tr>
 {% for row in summary_rows %}<tr><td>{{ row.name }}</td>{% for v in row.cells %}<td class="num">{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% else %}<p class="muted">Nothing logged yet.</p>{% endif %}
