@@ -1,4 +1,4 @@
-"""``preftune`` command line: ``train``, ``evaluate``, ``plot`` and ``mt``.
+"""``preftune`` command line: ``train``, ``evaluate``, ``generate``, ``score``, ``plot``, ``report`` and ``mt``.
 
 Configuration and data errors are printed as one clear message (no traceback) and exit with
 status 2; a run stopped by the non-finite guard (:class:`preftune.guard.NonFiniteError`) exits
@@ -22,8 +22,36 @@ commands:
   generate   --adapter DIR [--dataset FILE]       side-by-side generations: base vs adapter (+ chosen/rejected)
   score      --adapter DIR --dataset FILE --output OUT.jsonl   rewards of a reward model (--loss rm) per record
   plot       OUTPUT_DIR [--metrics ...]          plot metrics from trainer_state.json
+  report     OUTPUT_DIR [OUTPUT_DIR ...]         report.html: one run's page, or several runs compared
   mt         build-triplets | translate | evaluate   the ALMA-R machine-translation workflow
 """
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains ``text`` (a library's warning that does not apply)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_known_warnings() -> None:
+    """Warnings of the stack that say nothing about the user's run, each filtered with why."""
+    import warnings
+
+    # bitsandbytes (installed with preftune[qlora]) tries, when it is imported on a CPU with AVX-512 BF16,
+    # to fetch an optional faster CPU 4-bit matmul from the Hub's kernels-community through the `kernels`
+    # package, and warns when that package is missing; its own CPU kernel is used instead, with the same
+    # numbers. preftune needs neither (4-bit only with --load_in_4bit), so the line is noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # peft 0.17+ reads `model.is_gradient_checkpointing` when it wraps a model (peft_model.py, prepare for
+    # LoRA); transformers 5 deprecated that property in favour of `is_activation_checkpointing`. The value
+    # read is right; the warning is peft's to fix (an upgrade of peft removes it), not the user's.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _setup_logging() -> None:
@@ -31,14 +59,16 @@ def _setup_logging() -> None:
     import transformers
 
     transformers.logging.set_verbosity_warning()
+    _quiet_known_warnings()
 
 
 def cmd_train(argv: list[str]) -> int:
     from preftune.cli_args import parse_groups
     from preftune.distributed import is_main_process
-    from preftune.train import run
+    from preftune.train import apply_logging_default, logging_steps_given, run
 
     groups = parse_groups(argv)
+    apply_logging_default(groups, logging_steps_given(argv))  # about 50 logged points unless --logging_steps
     metrics = run(groups)
     if is_main_process():  # several processes (torchrun): the results once
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=1))
@@ -69,6 +99,12 @@ def cmd_plot(argv: list[str]) -> int:
     return plot_main(argv)
 
 
+def cmd_report(argv: list[str]) -> int:
+    from preftune.report import main as report_main
+
+    return report_main(argv)
+
+
 def cmd_generate(argv: list[str]) -> int:
     from preftune.generate import main as generate_main
 
@@ -95,7 +131,7 @@ def cmd_mt(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "generate": cmd_generate, "plot": cmd_plot,
-            "mt": cmd_mt, "score": cmd_score}
+            "mt": cmd_mt, "score": cmd_score, "report": cmd_report}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

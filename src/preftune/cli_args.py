@@ -90,6 +90,9 @@ class PreftuneTrainingArguments(TrainingArguments):
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "transformers' filter that hides NaN/inf losses in the logs; off in preftune "
                                  "(logged losses are the real values)."})
+    report_generations: int = field(
+        default=0, metadata={"help": "report.html: greedy generations of the base and tuned model for this many eval "
+                             "prompts, beside chosen and rejected (0: none; docs/report.md)."})
 
     def __post_init__(self):
         import torch

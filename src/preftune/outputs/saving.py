@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +18,8 @@ from preftune.outputs.files import (
     atomic_write_text,
     write_marker,
 )
+
+logger = logging.getLogger("preftune.outputs")
 from preftune.outputs.space import guard_checkpoint, guard_final
 
 
@@ -28,9 +32,13 @@ class CrashSafeCheckpointMixin:
     (``run_config_yaml``) and the marker are added and the directory is renamed into place.
     The trainable weights are checked (:meth:`guard.check_weights`) first: a non-finite model is
     never checkpointed. Only ``args.should_save`` processes write; the others wait.
+    ``after_save`` (set by :mod:`preftune.train`: ``report.html`` and ``metrics.png``) is called with
+    the complete checkpoint's path on the saving process; its errors are logged, never raised (a page
+    that cannot be drawn does not stop a run).
     """
 
     run_config_yaml: Optional[str] = None
+    after_save: Optional[Callable[[Path], None]] = None
     _staging_root: Optional[str] = None
 
     def _get_output_dir(self, trial) -> str:
@@ -80,6 +88,11 @@ class CrashSafeCheckpointMixin:
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            if self.after_save is not None:
+                try:
+                    self.after_save(final)
+                except Exception as exc:  # the report is a view of the run, not part of it
+                    logger.warning("after saving %s: %s: %s", name, type(exc).__name__, exc)
         self.accelerator.wait_for_everyone()
 
 
