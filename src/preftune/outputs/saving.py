@@ -18,9 +18,9 @@ from preftune.outputs.files import (
     atomic_write_text,
     write_marker,
 )
+from preftune.outputs.space import guard_checkpoint, guard_final
 
 logger = logging.getLogger("preftune.outputs")
-from preftune.outputs.space import guard_checkpoint, guard_final
 
 
 # ---- crash-safe writes ---------------------------------------------------------------------------
