@@ -72,19 +72,21 @@ def test_disk_full_while_writing_a_checkpoint(tiny_model_dir, tmp_path, capsys, 
     """The optimizer state of checkpoint-1 cannot be written: the partial checkpoint is removed, one
     line names the directory and the bytes, exit 4, the lock is free; with space again, `latest` finishes."""
     out = tmp_path / "run"
-    real_save = torch.save
+    real_save, full = torch.save, []
 
     def full_disk_save(obj, f, *args, **kwargs):
         if str(f).endswith("optimizer.pt"):
+            full.append(True)  # from now on the file system reports 4 KiB free
             if failure == "enospc":
                 raise OSError(errno.ENOSPC, "No space left on device", str(f))
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4368")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(space, "free_bytes", lambda directory: 4096 if full else 1 << 40)
     assert main(argv(tiny_model_dir, out)) == EXIT_DISK_FULL
     line = one_error(capsys.readouterr().err)
-    assert str(out) in line and "checkpoint-1" in line and "needs about" in line and "free" in line
+    assert str(out) in line and "checkpoint-1" in line and "needs about" in line and "4096 free" in line
     assert "--resume_from_checkpoint latest" in line
     assert not list(out.glob(".partial-*")) and not list(out.glob("checkpoint-*")) and lock_is_free(out)
     monkeypatch.undo()
@@ -138,9 +140,12 @@ def test_lock_on_a_full_disk_is_one_error_and_not_held(tmp_path, monkeypatch):
     release_output_dir(tmp_path)
 
 
-def test_is_disk_full():
+def test_is_disk_full(tmp_path, monkeypatch):
     assert space.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert space.is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    writer = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(space, "free_bytes", lambda directory: 4096)
+    assert space.is_disk_full(writer, tmp_path, 8192) and not space.is_disk_full(writer, tmp_path, 1024)
+    assert not space.is_disk_full(writer)  # the zip writer's failure with no free-space evidence
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
     assert space.is_disk_full(wrapped)

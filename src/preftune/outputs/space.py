@@ -81,17 +81,19 @@ def check_room_for_run(trainer) -> None:
     check_free_space(args.output_dir, needed, "a checkpoint" if saves else "the final output")
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """``ENOSPC`` (or ``EDQUOT``, a quota) in ``exc`` or its causes; torch's zip writer raises a bare
-    ``RuntimeError`` ("... file write failed" / "unexpected pos"), counted when the disk is then full."""
+def is_disk_full(exc: BaseException, directory: Optional[str | Path] = None, needed: int = 0) -> bool:
+    """``ENOSPC`` (or ``EDQUOT``, a quota) in ``exc`` or its causes. torch's zip writer raises a bare
+    ``RuntimeError`` ("... file write failed", "[enforce fail at inline_container.cc] ... unexpected
+    pos"): counted only when ``directory`` is given and has fewer than ``needed`` bytes free now."""
     seen = exc
     while seen is not None:
         if isinstance(seen, DiskFullError) or getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return True
         seen = seen.__cause__ or seen.__context__
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("write failed" in text or "unexpected pos" in text
-                                              or "inline_container" in text)
+    writer = isinstance(exc, RuntimeError) and any(s in text for s in ("write failed", "unexpected pos",
+                                                                      "inline_container"))
+    return writer and directory is not None and free_bytes(directory) < needed
 
 
 def _written_failed(exc: BaseException, directory: Path, partial: Path, needed: int, what: str) -> DiskFullError:
@@ -114,7 +116,7 @@ def _guarded(method: Callable, out_of: Callable, partial_name: Callable, needed_
         try:
             return method(*args, **kwargs)
         except (OSError, RuntimeError) as exc:
-            if isinstance(exc, DiskFullError) or not is_disk_full(exc) or not trainer.args.should_save:
+            if isinstance(exc, DiskFullError) or not trainer.args.should_save or not is_disk_full(exc, directory, needed):
                 raise
             raise _written_failed(exc, directory, directory / partial_name(*args), needed, what) from None
     return wrapper
