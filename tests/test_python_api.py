@@ -97,7 +97,7 @@ def test_trl_cpo_doc_example_equals_preftune_train(model_dir, tmp_path):
     assert main(["train", "--model_name_or_path", model_dir, "--dataset", write_jsonl(tmp_path / "uf.jsonl", records),
                  "--loss", "cpo", "--beta", "0.1", "--cpo_alpha", "1.0", "--learning_rate", "1e-6",
                  "--max_length", "1024", "--activation_checkpointing", "true", "--num_train_epochs", "3",
-                 "--output_dir", str(out_cli), "--save_strategy", "no"]) == 0
+                 "--logging_steps", "10", "--output_dir", str(out_cli), "--save_strategy", "no"]) == 0
     history = cli_history(out_cli)
     assert api == pytest.approx(losses(history), abs=1e-6)
     final = [h for h in trainer.state.log_history if "train_loss" in h][0]["train_loss"]
