@@ -120,3 +120,38 @@ def test_report_command_compares_runs(tmp_path, capsys):
     assert "<td>loss</td><td class=\"num\">0.5</td><td class=\"num\"></td><td class=\"num\">0.75</td>" in summary
     assert main(["report", str(tmp_path / "nothing")]) == 2  # not a run directory: one line, exit 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_progress_bars_follow_disable_tqdm(monkeypatch):
+    """`--disable_tqdm true` sets TQDM_DISABLE=1 for the run; preftune's bars (reference pass, margins) honour it."""
+    from preftune.engine.reference import progress_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    bar = progress_bar(3, "reference log-probs")
+    assert not bar.disable and bar.total == 3
+    bar.close()
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    bar = progress_bar(3, "reference log-probs")
+    assert bar.disable
+    bar.close()
+
+
+def test_known_noise_filtered_and_nothing_else(caplog):
+    """bitsandbytes' kernels-community line and transformers' is_gradient_checkpointing FutureWarning are
+    dropped; other warnings of the same loggers / category still show."""
+    import logging
+    import warnings
+
+    from preftune.cli import _quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # pytest's own configuration ignores FutureWarning
+        _quiet_known_warnings()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level("WARNING"):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        log.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

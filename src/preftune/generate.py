@@ -98,10 +98,12 @@ def generate_from_pairs(model, tokenizer, pairs, *, max_new_tokens: int = 64) ->
 
     from tqdm.auto import tqdm
 
+    from preftune.engine.reference import progress_disabled
+
     out = []
     try:
         for pair in tqdm(pairs, desc="generations (base, tuned)" if has_adapter else "generations", unit="prompt",
-                         dynamic_ncols=True):
+                         dynamic_ncols=True, disable=progress_disabled()):
             if pair.images is not None or pair.label is not None:
                 continue
             ids = torch.tensor([pair.prompt_ids], device=device)

@@ -49,8 +49,8 @@ def setup(config: RunConfig) -> Run:
     (:func:`preftune.run_setup.prepare_run`: seed, model, data, reference) and the trainer.
     ``--disable_dropout`` (default true, as TRL and :mod:`preftune.trl`): every dropout of the model and
     of LoRA set to 0, so both doors train the same way."""
-    if config.training.disable_tqdm:  # every tqdm bar of the run (reference pass, GGUF, evaluation), not only the Trainer's
-        os.environ["TQDM_DISABLE"] = "1"
+    if config.training.disable_tqdm:  # every bar of the run (reference pass, GGUF, margins, generations), not only the
+        os.environ["TQDM_DISABLE"] = "1"  # Trainer's (preftune.engine.reference.progress_disabled reads it)
     if getattr(config.training, "report_generations", 0) < 0:
         raise ConfigError(f"--report_generations must be >= 0, got {config.training.report_generations}")
     dropout_off = getattr(config.training, "disable_dropout", False)
@@ -68,7 +68,6 @@ def setup(config: RunConfig) -> Run:
                 disable_dropout(module)
     trainer = PreferenceTrainer(**prepared.trainer_kwargs())
     trainer.run_config_yaml = prepared.config_yaml  # written into every checkpoint (resume checks it)
-    outputs.check_room_for_run(trainer)  # a full disk fails now, not at the first save
     outputs.check_room_for_run(trainer)  # a full disk fails now, not at the first save
     return Run(config, prepared.model, prepared.tokenizer, trainer, prepared.data.report)
 

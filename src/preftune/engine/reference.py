@@ -61,14 +61,21 @@ def pair_key(pair: TokenizedPair) -> str:
     return h.hexdigest()
 
 
+def progress_disabled() -> bool:
+    """``TQDM_DISABLE`` is set to 1 / true (``--disable_tqdm true`` sets it, :func:`preftune.train.setup`).
+
+    Read at each call: tqdm reads its own ``TQDM_*`` variables once, when it is imported, which is
+    before a run's flags are known."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+
+
 def progress_bar(total: int, desc: str, unit: str = "pair"):
     """A tqdm bar (count, rate, time left) for a long pass over ``total`` items; shown on the main
-    process only. ``TQDM_DISABLE=1`` (set by ``--disable_tqdm true``, :func:`preftune.train.setup`)
-    hides it, as every other tqdm bar of the run."""
+    process only, hidden when :func:`progress_disabled`."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
-                **({} if is_main_process() else {"disable": True}))
+                disable=progress_disabled() or not is_main_process())
 
 
 def compute_reference_logps(

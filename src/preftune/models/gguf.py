@@ -153,7 +153,7 @@ def _dequantise_gguf(gguf_file: Path, trust_remote_code: bool):
 def _one_progress_bar(desc: str):
     """One progress bar for a conversion: transformers' own bars during it (tensor dequantisation,
     ``Loading weights``, ``Writing model shards``) become a single bar over the GGUF tensors, named
-    ``desc``; ``TQDM_DISABLE=1`` (``--disable_tqdm``) hides it too."""
+    ``desc``; ``TQDM_DISABLE=1`` (``--disable_tqdm``; read now, not at tqdm's import) hides it too."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
@@ -161,7 +161,8 @@ def _one_progress_bar(desc: str):
     original = gguf_utils.tqdm  # the bar over the GGUF tensors (the slow part: dequantisation)
 
     def bar(iterable=None, *args, **kwargs):
-        kwargs.update(desc=desc, unit="tensor", dynamic_ncols=True)
+        kwargs.update(desc=desc, unit="tensor", dynamic_ncols=True,
+                      disable=os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes"))
         return original(iterable, *args, **kwargs)
 
     hf_logging.disable_progress_bar()  # the other bars (weights loading, shard writing) are instant here

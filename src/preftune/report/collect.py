@@ -93,6 +93,7 @@ def eval_margins(model, pairs, loss_args, engine_args, *, pad_token_id: int = 0,
     ``(N,)`` floats; pairs need ``ref_*`` filled for losses with a reference (the DPO family).
     KTO's unpaired examples and reward models give their own rewards' differences the same way.
     """
+    from preftune.engine.reference import progress_disabled
     from preftune.losses import compute_loss
     from preftune.score import scored_batches
 
@@ -101,7 +102,7 @@ def eval_margins(model, pairs, loss_args, engine_args, *, pad_token_id: int = 0,
     margins: list[float] = []
     try:
         for _chunk, scores in scored_batches(model, pairs, engine_args, batch_size=batch_size,
-                                             pad_token_id=pad_token_id, progress=desc):
+                                             pad_token_id=pad_token_id, progress=None if progress_disabled() else desc):
             out = compute_loss(scores, loss_args)
             margins.extend((out.chosen_rewards - out.rejected_rewards).float().cpu().tolist())
     finally:
