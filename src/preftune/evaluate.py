@@ -100,6 +100,10 @@ def _open_model(model_args, loss_args, adapter: Optional[str]):
         return open_reward_model(model_args, adapter or model_args.model_name_or_path)
     if reward_dir:
         raise ConfigError(f"--adapter {adapter} is a reward model (value head); evaluate it with --loss rm")
+    if adapter:
+        from preftune.generate import check_adapter_dir
+
+        check_adapter_dir(adapter)  # a missing directory or adapter_config.json: one line, exit 2 (issue 25)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, training=False)
     if adapter:

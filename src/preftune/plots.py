@@ -44,7 +44,9 @@ def plot_metrics(run_dir: str | Path, metrics=DEFAULT_METRICS, out: str | Path |
     history = load_log_history(run_dir) if history is None else history
     present = [m for m in metrics if any(m in h or f"eval_{m}" in h for h in history)]
     if not present:
-        raise ValueError(f"none of {', '.join(metrics)} was logged in {run_dir}")
+        from preftune.errors import ConfigError  # a user error: one line, exit 2 (issue 25)
+
+        raise ConfigError(f"none of {', '.join(metrics)} was logged in {run_dir}")
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
