@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     if len(args.run_dirs) == 1:
-        path = write_report(args.run_dirs[0], out=args.out, plot=args.out is None)
+        path = write_report(args.run_dirs[0], out=args.out, plot=args.out is None, title=args.title)
     else:
         path = write_comparison(args.run_dirs, args.out or REPORT_FILE, args.title)
     size = path.stat().st_size

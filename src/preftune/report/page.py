@@ -84,7 +84,7 @@ def render_runs(runs: list[RunData], title: Optional[str] = None) -> str:
 
 
 def write_report(run_dir: str | Path, *, history: Optional[list[dict]] = None, out: Optional[str | Path] = None,
-                 plot: bool = True) -> Path:
+                 plot: bool = True, title: Optional[str] = None) -> Path:
     """Write ``run_dir/report.html`` (or ``out``) from the run's files (``history``: a live trainer's
     log history, newer than the files), and ``metrics.png`` (:func:`preftune.plots.plot_metrics`) when
     ``plot`` and some default metric was logged. Returns the page's path.
@@ -95,7 +95,7 @@ def write_report(run_dir: str | Path, *, history: Optional[list[dict]] = None, o
 
     run = load_run(run_dir, history=history)
     target = Path(out) if out else Path(run_dir) / REPORT_FILE
-    atomic_write_text(target, render_runs([run]))
+    atomic_write_text(target, render_runs([run], title))
     os.chmod(target, 0o644)  # a page to open and share (atomic writes start as 0600)
     if plot and run.history:
         try:
