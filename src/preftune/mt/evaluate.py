@@ -65,12 +65,11 @@ def load_references(path: str | Path, src: str, tgt: str) -> list[str]:
 def _count_mismatch(hyp_file, hyps: list[str], ref_file, refs: list[str], limit: int | None) -> str:
     """One line for a hypothesis file whose segment count differs from the references': the file, the
     first line without a partner (a missing hypothesis, or one more than there are references)."""
-    after = f" (after --limit {limit})" if limit else ""
+    counts = (f"{hyp_file} has {len(hyps)} lines, references {ref_file} have {len(refs)}"
+              + (f" (after --limit {limit})" if limit else "") + "; one hypothesis per reference line")
     if len(hyps) < len(refs):
-        return (f"{hyp_file}: line {len(hyps) + 1}: missing: {len(hyps)} hypotheses but {len(refs)} references "
-                f"in {ref_file}{after}; one hypothesis per reference line")
-    return (f"{hyp_file}: line {len(refs) + 1}: one hypothesis more than the {len(refs)} references in "
-            f"{ref_file}{after} ({len(hyps)} lines); one hypothesis per reference line")
+        return f"{hyp_file}: line {len(hyps) + 1}: missing: {counts}"
+    return f"{hyp_file}: line {len(refs) + 1}: one more than the references: {counts}"
 
 
 def evaluate_systems(groups: list[tuple[str, str, list[str]]], comet=None,
