@@ -344,3 +344,33 @@ def test_custom_code_without_trust_remote_code_is_a_value_error(model_dir, tmp_p
     assert main(["train", "--model_name_or_path", str(remote), "--output_dir", str(tmp_path / "cli")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("preftune train: error: ") and "trust_remote_code" in err[-1]
+
+
+def test_sync_ref_model_full_fine_tuning_exposes_the_following_reference(model_dir, tmp_path):
+    """TRL's test_train_with_sync_ref_model: ``trainer.ref_model`` exists from construction (full fine-tuning,
+    precomputed reference) and is moved towards the policy by the syncs."""
+    import torch
+    from datasets import Dataset
+
+    from preftune.trl import DPOTrainer
+
+    args = dpo_args(tmp_path, learning_rate=0.1, sync_ref_model=True, ref_model_sync_steps=2, max_steps=4,
+                    per_device_train_batch_size=2)
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(standard(8)))
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    before = {n: p.clone() for n, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    assert all(not torch.equal(before[n], trainer.ref_model.get_parameter(n)) for n in before)
+
+
+def test_train_dataset_column_names_are_trls(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from preftune.trl import DPOTrainer, RewardConfig, RewardTrainer
+
+    trainer = DPOTrainer(model=model_dir, args=dpo_args(tmp_path), train_dataset=Dataset.from_list(standard(2)))
+    assert trainer.train_dataset.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    rows = [{"chosen_input_ids": [5, 6, 7, 2], "rejected_input_ids": [5, 6, 9, 2]}] * 2
+    reward = RewardTrainer(model=model_dir, args=RewardConfig(output_dir=str(tmp_path / "rm"), report_to="none",
+                                                              bf16=False), train_dataset=Dataset.from_list(rows))
+    assert "chosen_ids" in reward.train_dataset.column_names and "chosen_input_ids" not in reward.train_dataset.column_names

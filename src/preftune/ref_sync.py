@@ -216,4 +216,9 @@ def setup_trainer(trainer: Any) -> Optional[ReferenceSync]:
                           "parameters); use DDP / ZeRO-2, or drop --sync_ref_model")
     callback = ReferenceSync(trainer, loss_args.ref_model_mixup_alpha, loss_args.ref_model_sync_steps)
     trainer.add_callback(callback)
+    if trainer.ref_model is None and not is_peft_model(trainer.model) and callback.precomputed():
+        # full fine-tuning with precomputed log-probs: the reference copy that follows the policy exists from
+        # the start and is the trainer's ref_model, as in TRL (it also scores eval data given later)
+        callback.setup()
+        trainer.ref_model = callback.reference
     return callback

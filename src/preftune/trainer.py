@@ -78,6 +78,13 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> TokenizedPair:
         return self.pairs[i]
 
+    @property
+    def column_names(self) -> list[str]:
+        """The rows' column names where the rows expose them (the TRL door's rows, ``row.keys()``: TRL's
+        tokenised columns), else ``[]`` — ``datasets.Dataset``'s attribute, read by TRL scripts and tests."""
+        first = self.pairs[0] if self.pairs else None
+        return list(first.keys()) if hasattr(first, "keys") else []
+
 
 class PairCollator:
     """Collate :class:`TokenizedPair` items with the engine's layout switches.
