@@ -35,9 +35,8 @@ sys.path.insert(0, str(HERE))
 
 
 def _worker(spec: dict) -> dict:
-    import torch
-
     import bench_worker as W
+    import torch
 
     torch.set_flush_denormal(True)
     os.environ.setdefault("PREFTUNE_REF_CACHE", tempfile.mkdtemp(prefix="ptbench-ref-"))
