@@ -362,19 +362,56 @@ def test_skip_batch_with_deepspeed_is_refused_in_one_line():
         check_nan_policy(SimpleNamespace(nan_policy="skip_batch", deepspeed="zero2.json"))
 
 
-def test_killed_before_the_first_checkpoint_then_resume_latest_starts_again(tiny_model_dir, tmp_path, uninterrupted):
-    """Killed while writing the first checkpoint: `--resume_from_checkpoint latest` (what the docs and the
-    refusal message say to do) starts again from step 0 — the partial write removed — and ends with the
-    uninterrupted weights; another configuration in that directory is still refused."""
+@pytest.mark.parametrize("again", ["latest", "plain"])
+def test_killed_before_the_first_checkpoint_then_resume_latest_starts_again(tiny_model_dir, tmp_path, uninterrupted,
+                                                                            again):
+    """Killed while writing the first checkpoint: `--resume_from_checkpoint latest` (what the docs say to
+    do), or the same command again (a partial write never blocks a restart of the same run), starts again
+    from step 0 — the partial write removed — and ends with the uninterrupted weights; another
+    configuration in that directory is still refused, both ways."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     argv = ["train", *flags(tiny_model_dir, out, *DPO)]
     code, err = run_cli(argv, env={"PREFTUNE_FAULT": "checkpoint_write:1", "PREFTUNE_REF_CACHE": str(cache)})
     assert code == -9, err[-3000:]
     assert (out / ".partial-checkpoint-1").is_dir() and latest_complete_checkpoint(out) is None
-    assert main(argv) == 2  # a plain restart is refused: the directory holds a run
-    assert main(argv + ["--resume_from_checkpoint", "latest", "--beta", "0.5"]) == 2  # not this run's config
+    assert main(argv + ["--beta", "0.5"]) == 2  # another run's config: refused (the directory holds a run)
+    assert main(argv + ["--resume_from_checkpoint", "latest", "--beta", "0.5"]) == 2
+    assert (out / ".partial-checkpoint-1").is_dir()  # nothing removed by the refusals
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PREFTUNE_REF_CACHE", str(cache))
-        assert main(argv + ["--resume_from_checkpoint", "latest"]) == 0
+        assert main(argv + (["--resume_from_checkpoint", "latest"] if again == "latest" else [])) == 0
     assert max_diff(adapter(uninterrupted), adapter(out)) <= 1e-6
+    assert verify_complete(out) is None and not list(out.glob(".partial-*"))
+
+
+def test_killed_at_ten_random_points_then_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, uninterrupted):
+    """kill -9 at 10 points drawn at random (seeded) from every phase a run goes through: the reference
+    pass and its cache write, a step, a checkpoint write, the final save; the first kill always before the
+    first checkpoint. After each, `--resume_from_checkpoint latest` continues (from step 0 while no
+    checkpoint is complete); the final adapter equals the uninterrupted run's."""
+    import random
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["train", *flags(tiny_model_dir, out, *DPO), "--resume_from_checkpoint", "latest"]
+    rng, kills = random.Random(25), []
+    while len(kills) < 10:
+        done = latest_complete_checkpoint(out) if out.exists() else None
+        left = STEPS - (int(done.rsplit("-", 1)[1]) if done else 0)
+        # at most one checkpoint gained per kill, so the kills spread over the run; the final save once
+        # every step is done (the first kill is then always before the first checkpoint)
+        phases = {"step": range(1, min(left, 2) + 1), "checkpoint_write": range(1, min(left, 2) + 1),
+                  "final_save": range(1, 1 if left else 2)}
+        if not list(cache.glob("*.pt")):  # the reference pass runs (4 batches), then its cache is written
+            phases.update(reference=range(1, 5), reference_write=range(1, 2))
+        phase = rng.choice([name for name, counts in phases.items() if counts])  # a phase, then which time
+        fault = f"{phase}:{rng.choice(phases[phase])}"
+        code, err = run_cli(argv, env={"PREFTUNE_FAULT": fault, "PREFTUNE_REF_CACHE": str(cache)})
+        assert code == -9, f"{kills} then {fault}: {err[-3000:]}"
+        kills.append(f"{fault} from {done.rsplit('/', 1)[1] if done else 'step 0'}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFTUNE_REF_CACHE", str(cache))
+        assert main(argv) == 0
+    diff = max_diff(adapter(uninterrupted), adapter(out))
+    print(f"\nreliability: killed at {kills}: max |adapter - uninterrupted| = {diff:.3g}")
+    assert diff <= 1e-6
     assert verify_complete(out) is None and not list(out.glob(".partial-*"))

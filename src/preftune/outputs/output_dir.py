@@ -21,8 +21,10 @@ from preftune.outputs.files import (
     _RUN_FILES,
     LATEST,
     LOCK_NAME,
+    MARKER,
     PARTIAL_PREFIX,
     is_main_process,
+    latest_complete_checkpoint,
     resolve_checkpoint,
 )
 from preftune.outputs.space import check_min_free
@@ -193,28 +195,42 @@ def prepare_output_dir(groups: RunConfig) -> Optional[str]:
         raise
 
 
-def _restart(out: Path, groups: RunConfig) -> None:
+def _restart(out: Path, groups: RunConfig, door: str = "--resume_from_checkpoint latest") -> None:
     """``--resume_from_checkpoint latest`` on a run killed before its first complete checkpoint (during
     the data or reference work, a first step or the first save): the run's resolved config, where one
     was written (the output directory, or a partial or incomplete checkpoint), must match this one
     (:func:`check_resume_config`); then its partial writes and
-    incomplete checkpoints are removed and training starts from step 0.
+    incomplete checkpoints are removed and training starts from step 0. A plain restart (``door``) of
+    the same run takes this path too when :func:`_killed_before_first_checkpoint`.
 
     Raises :class:`ConfigError`: the directory holds another run's configuration or files that are
     not a run."""
     is_run, what = describe_contents(out)
     if not is_run:
         raise ConfigError(f"--output_dir {out} holds {what}: nothing to resume; choose an empty or new --output_dir")
-    written = [out / "preftune_config.yaml", *sorted(out.glob("checkpoint-*/preftune_config.yaml")),
-               *sorted(out.glob(f"{PARTIAL_PREFIX}*/**/preftune_config.yaml"))]
-    config = next((p for p in written if p.is_file()), None)  # the killed run's resolved config, where written
+    config = _written_config(out)
     if config is not None:
         check_resume_config(str(config.parent), groups)
     for p in _entries(out):
         if p.name.startswith(PARTIAL_PREFIX) or (_CHECKPOINT_RE.match(p.name) and p.is_dir()):
             shutil.rmtree(p, ignore_errors=True)  # incomplete (no complete checkpoint exists)
-    logger.info("--resume_from_checkpoint latest: %s held no complete checkpoint (%s); starting from step 0", out, what)
+    logger.info("%s: %s held no complete checkpoint (%s); starting from step 0", door, out, what)
     return None
+
+
+def _written_config(out: Path) -> Optional[Path]:
+    """The killed run's resolved config, where written: the output directory, a checkpoint or a partial write."""
+    written = [out / "preftune_config.yaml", *sorted(out.glob("checkpoint-*/preftune_config.yaml")),
+               *sorted(out.glob(f"{PARTIAL_PREFIX}*/**/preftune_config.yaml"))]
+    return next((p for p in written if p.is_file()), None)
+
+
+def _killed_before_first_checkpoint(out: Path) -> bool:
+    """``out`` holds a run's partial writes only: a ``.partial-*`` entry and its resolved config (to compare
+    with), no complete checkpoint, no final output (a run killed during its first save)."""
+    partial = any(p.name.startswith(PARTIAL_PREFIX) for p in _entries(out))
+    return (partial and _written_config(out) is not None and not (out / MARKER).exists()
+            and latest_complete_checkpoint(out, warn=False) is None)
 
 
 def _check_output_dir(out: Path, args, groups: RunConfig) -> Optional[str]:
@@ -226,6 +242,9 @@ def _check_output_dir(out: Path, args, groups: RunConfig) -> Optional[str]:
         return None
     if args.resume_from_checkpoint in LATEST:  # killed before its first complete checkpoint: start again
         return _restart(out, groups)
+    if not getattr(args, "overwrite_output_dir", False) and _killed_before_first_checkpoint(out):
+        with contextlib.suppress(ConfigError):  # the same run (its config where written): a plain restart too
+            return _restart(out, groups, "a restart of the same run")
     is_run, what = describe_contents(out)
     if not getattr(args, "overwrite_output_dir", False):
         raise ConfigError(f"--output_dir {out} is not empty: it holds {what}; use --overwrite_output_dir to replace it, "
