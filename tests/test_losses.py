@@ -269,7 +269,7 @@ def test_orpo_nll_override():
 
 def test_get_loss_fn_unknown_lists_names():
     with pytest.raises(ValueError) as e:
-        L.get_loss_fn("kto")
+        L.get_loss_fn("ppo")
     for name in ("cpo", "simpo", "cpo-simpo", "orpo", "dpo", "sft"):
         assert name in str(e.value)
     assert tuple(L.LOSS_FUNCTIONS) == LOSS_NAMES
@@ -293,8 +293,8 @@ def test_loss_spec_refuses_inconsistent_entries():
         L.LossSpec("x", L.sft_loss, reads=("label_smoothing",), defaults={"beta": 1.0})
     with pytest.raises(ValueError, match="variants and variant_flag go together"):
         L.LossSpec("x", L.cpo_loss, reads=("beta",), variants=L.CPO_VARIANTS)
-    with pytest.raises(ValueError, match="consumes 'unpaired_logps' is not one of"):
-        L.LossSpec("x", L.sft_loss, reads=(), consumes=L.UNPAIRED_LOGPS)
+    with pytest.raises(ValueError, match="consumes 'token_logps' is not one of"):
+        L.LossSpec("x", L.sft_loss, reads=(), consumes="token_logps")
     assert not L.TABLE["orpo"].takes_global_counts and L.TABLE["sft"].takes_global_counts
     assert L.TABLE["dpo"].smoothed == ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired") and L.TABLE["orpo"].smoothed == ()
 

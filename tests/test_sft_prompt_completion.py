@@ -102,8 +102,9 @@ def test_bad_records_name_their_field(tmp_path):
              ({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
               "'completion[0].role'")]
     for record, fragment in cases:
-        path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": PROMPT, "completion": COMPLETION}, record])
-        with pytest.raises(DataError, match="line 2") as err:
+        good = {"prompt": PROMPT, "completion": COMPLETION}
+        path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record])  # a labelled record is KTO's format
+        with pytest.raises(DataError, match="line 3") as err:
             normalise(load_raw(path), DataArguments())
         assert fragment in str(err.value)
 

@@ -149,7 +149,7 @@ def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
     assert main(["train", *base_flags(tiny_model_dir, tmp_path / "x", "--dataset", str(bad))]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 2" in err and "rejected" in err and "Traceback" not in err
-    assert main(["train", "--loss", "kto"]) == 2
+    assert main(["train", "--loss", "ppo"]) == 2
     assert "cpo" in capsys.readouterr().err
     assert main(["trian"]) == 2
     assert "did you mean 'train'" in capsys.readouterr().err
