@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import difflib
 import enum
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Optional
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from preftune.aliases.base import value_argv
 from preftune.config import GROUPS, RunConfig
 from preftune.constraints import check_numbers
 from preftune.errors import ConfigError
@@ -167,16 +167,8 @@ def _yaml_to_argv(config: dict[str, Any], source: str, valid: set[str]) -> list[
         if key not in valid:
             hint = difflib.get_close_matches(key, sorted(valid), n=1)
             raise ConfigError(f"{source}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv += [f"--{key}", "true" if value else "false"]
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:  # `--key=-inf`: a value starting with '-' is not taken for a flag
-            argv += [f"--{key}={value}"] if str(value).startswith("-") else [f"--{key}", str(value)]
+        if value is not None:
+            argv += value_argv(key, value)
     return argv
 
 

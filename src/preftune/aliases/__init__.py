@@ -30,7 +30,6 @@ list); ALMA ``utils/arguments.py``, ``run_cpo_llmmt.py`` and ``runs/cpo_ft.sh`` 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from typing import Optional
 from preftune.errors import ConfigError
 
 from .alma import ALMA_ALIASES, ALMA_DEFAULTS, ALMA_MARKERS
-from .base import ALMA, ORPO, SWIFT, Alias, Context, flash_attention_tokens
+from .base import ALMA, ORPO, SWIFT, Alias, Context, flash_attention_tokens, value_argv
 from .dataset_info import resolve
 from .lf_v1 import is_v1, translate_v1
 from .llamafactory import KNOWN as LLAMAFACTORY_KEYS
@@ -231,16 +230,8 @@ def translate_yaml(config: dict, source: str, valid: set[str], cli: set[str]) ->
         if key not in valid and key not in known:
             hint = suggestion(str(key), valid, yaml=True)
             raise ConfigError(f"{source}: unknown key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv += [f"--{key}", "true" if value else "false"]
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:  # `--key=-inf`: a value starting with '-' is not taken for a flag (issue 25)
-            argv += [f"--{key}={value}"] if str(value).startswith("-") else [f"--{key}", str(value)]
+        if value is not None:
+            argv += value_argv(key, value)
     return argv
 
 

@@ -12,6 +12,21 @@ from typing import Optional
 
 from preftune.errors import ConfigError
 
+
+def value_argv(key: str, value: object) -> list[str]:
+    """One YAML ``key: value`` as command-line words: booleans as ``true`` / ``false``, lists as several
+    words, a dict as JSON, and a value starting with ``-`` as ``--key=value`` (so ``-inf`` is not taken
+    for a flag; issue 25)."""
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *map(str, value)]
+    if isinstance(value, dict):
+        import json
+
+        return [f"--{key}", json.dumps(value)]
+    return [f"--{key}={value}"] if str(value).startswith("-") else [f"--{key}", str(value)]
+
 SWIFT, ORPO, ALMA = "ms-swift", "ORPO script", "ALMA"
 
 TRUE, FALSE = ("true", "1", "yes", "y", "t", "on"), ("false", "0", "no", "n", "f", "off")

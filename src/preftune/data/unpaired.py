@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from preftune.types import TokenizedPair
 
-from .ecosystems import SHAREGPT_ROLES
+from .ecosystems import SHAREGPT_ROLES, _split_at_last_user
 from .validate import Here
 
 logger = logging.getLogger("preftune.data")
@@ -72,17 +72,7 @@ def _conversation(here: Here, record: dict) -> tuple[list[dict], list[dict]]:
     system = here.optional_text(record, "system")
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last is None:
-        raise here.fail(name, "no user message; the conversation must hold the user turn that the reply answers")
-    reply = messages[last + 1:]
-    if not reply:
-        raise here.fail(name, "ends with a user message; it must end with the reply (the labelled completion)")
-    for index in range(last + 1, len(messages)):
-        if messages[index]["role"] != "assistant":
-            raise here.fail(f"{name}[{index}]", f"a {messages[index]['role']!r} message after the last user message; "
-                                                "the labelled reply must be assistant messages")
-    return messages[:last + 1], reply
+    return _split_at_last_user(here, name, messages)
 
 
 def from_unpaired(here: Here, record: dict) -> dict:
