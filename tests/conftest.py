@@ -40,9 +40,12 @@ def byte_tokenizer():
                                    eos_token="</s>")
 
 
-def save_tiny_model(path, layers: int = 2) -> str:
-    """A tiny random Llama (``layers`` layers, 2048 positions) and a byte tokenizer saved in ``path``."""
+def save_tiny_model(path, layers: int = 2, chat_template: str | None = None) -> str:
+    """A tiny random Llama (``layers`` layers, 2048 positions) and a byte tokenizer (with ``chat_template``
+    when given) saved in ``path``."""
     tok = byte_tokenizer()
+    if chat_template is not None:
+        tok.chat_template = chat_template
     model = tiny_llama(vocab_size=len(tok), layers=layers)
     model.config.max_position_embeddings = 2048
     model.save_pretrained(path)

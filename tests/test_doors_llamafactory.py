@@ -11,7 +11,7 @@ import re
 
 import pytest
 import yaml
-from conftest import byte_tokenizer, tiny_llama
+from conftest import save_tiny_model
 
 from preftune.cli import main
 from preftune.cli_args import parse_groups
@@ -25,14 +25,7 @@ NAMES = ("model", "peft", "data", "loss", "engine", "training")
 
 @pytest.fixture(scope="module")
 def lf_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lf-model")
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tok), layers=1)
-    model.config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("lf-model"), layers=1, chat_template=CHAT_TEMPLATE)
 
 
 def _write(path, obj):

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import yaml
-from conftest import byte_tokenizer, tiny_llama
+from conftest import save_tiny_model
 
 from preftune.aliases import apply_aliases
 from preftune.aliases.base import Context
@@ -152,14 +152,7 @@ def test_markers_make_it_a_swift_line():
 
 @pytest.fixture(scope="module")
 def swift_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("swift-model")
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tok), layers=1)
-    model.config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("swift-model"), layers=1, chat_template=CHAT_TEMPLATE)
 
 
 def _swap(line, model, data, out):

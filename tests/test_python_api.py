@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import byte_tokenizer, tiny_llama
+from conftest import save_tiny_model
 
 from preftune.cli import main
 from preftune.config import ConfigError
@@ -27,14 +27,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 def model_dir(tmp_path_factory):
     """A tiny random Llama (one layer: these tests compare paths, not depth) + byte tokenizer with a
     chat template, saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("tiny-chat")
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(vocab_size=len(tok), layers=1)
-    model.config.max_position_embeddings = 2048
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-chat"), layers=1, chat_template=CHAT_TEMPLATE)
 
 
 def ultrafeedback_like(n: int) -> list[dict]:
