@@ -16,6 +16,16 @@ from typing import Optional
 import torch
 
 
+def answers(model, run, has_adapter: bool) -> dict[str, str]:
+    """``{"base", "adapter"}`` answers of ``run()`` (the adapter switched off for the base), or ``{"model"}``
+    without an adapter."""
+    if not has_adapter:
+        return {"model": run()}
+    with model.disable_adapter():
+        base = run()
+    return {"base": base, "adapter": run()}
+
+
 def _prompt_text(tokenizer, prompt) -> str:
     if isinstance(prompt, list):  # conversational
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -63,12 +73,7 @@ def generate_side_by_side(model, tokenizer, records: list[dict], *, max_new_toke
 
         row = {"prompt": text, "chosen": _completion_text(rec.get("chosen")),
                "rejected": _completion_text(rec.get("rejected"))}
-        if has_adapter:
-            with model.disable_adapter():
-                row["base"] = run()
-            row["adapter"] = run()
-        else:
-            row["model"] = run()
+        row.update(answers(model, run, has_adapter))
         out.append(row)
     return out
 
@@ -115,12 +120,7 @@ def generate_from_pairs(model, tokenizer, pairs, *, max_new_tokens: int = 64) ->
 
             row = {"prompt": decode(pair.prompt_ids), "chosen": decode(pair.chosen_ids),
                    "rejected": decode(pair.rejected_ids)}
-            if has_adapter:
-                with model.disable_adapter():
-                    row["base"] = run()
-                row["adapter"] = run()
-            else:
-                row["model"] = run()
+            row.update(answers(model, run, has_adapter))
             out.append(row)
     finally:
         model.train(was_training)
