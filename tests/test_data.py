@@ -463,3 +463,25 @@ def test_generate_adapter_without_adapter_config_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("preftune generate: error: --adapter ") and str(tmp_path) in err[0]
     assert "adapter_config.json" in err[0]
+
+
+def test_large_files_tokenise_block_by_block_under_a_progress_bar_with_the_same_result(monkeypatch, capsys):
+    """A file over PROGRESS_BLOCK records: tokenised in blocks (a tqdm bar on stderr), the same pairs, counts and
+    kept indices as in one call."""
+    from conftest import byte_tokenizer
+
+    from preftune.config import DataArguments
+    from preftune.data import build_datasets, pipeline
+
+    tok = byte_tokenizer()
+    args = DataArguments(max_length=64, max_prompt_length=32)
+    whole = build_datasets(args, tok, seed=0)
+    monkeypatch.setattr(pipeline, "PROGRESS_BLOCK", 5)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    capsys.readouterr()
+    blocks = build_datasets(args, tok, seed=0)
+    assert "tokenising" in capsys.readouterr().err
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in blocks.train] == \
+        [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in whole.train]
+    assert blocks.train_stats.summary() == whole.train_stats.summary()
+    assert blocks.train_files[0][2].kept_index == whole.train_files[0][2].kept_index

@@ -83,6 +83,40 @@ def _formats_for(data_args: Any, count: int) -> list[Optional[str]]:
     return names
 
 
+#: records per tokenisation block: a file with more records is tokenised block by block under a progress bar
+PROGRESS_BLOCK = 4000
+
+
+def _tokenize_file(part: FormattedData, tokenizer: Any, data_args: Any, label: str,
+                   tokenize_options: dict[str, Any]) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """:func:`tokenize_records` over one file; more than :data:`PROGRESS_BLOCK` records: block by block with a
+    tqdm bar (rate and time left; ``TQDM_DISABLE=1``, set by ``--disable_tqdm``, hides it) and the counts summed."""
+    records, n = part.records, len(part.records)
+    if n <= PROGRESS_BLOCK:
+        return tokenize_records(records, tokenizer, data_args, locations=part.locations, source=part.source,
+                                **tokenize_options)
+    import os
+
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+    kept: list[TokenizedPair] = []
+    blocks: list[TokenizeStats] = []
+    index: list[int] = []
+    with tqdm(total=n, desc=f"{label}: tokenising {part.source}", unit="record", disable=disable) as bar:
+        for start in range(0, n, PROGRESS_BLOCK):
+            stop = min(n, start + PROGRESS_BLOCK)
+            pairs, stats = tokenize_records(records[start:stop], tokenizer, data_args, locations=part.locations[start:stop],
+                                            source=part.source, **tokenize_options)
+            kept += pairs
+            blocks.append(stats)
+            index += [start + i for i in stats.kept_index]
+            bar.update(stop - start)
+    total = TokenizeStats.combine(blocks)
+    total.kept_index = index
+    return kept, total
+
+
 def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label: str, say,
               tokenize_options: dict[str, Any]) -> tuple:
     pairs = PairList()
@@ -92,8 +126,7 @@ def _tokenize(parts: list[FormattedData], tokenizer: Any, data_args: Any, label:
     for part in parts:
         if not part.records:
             continue
-        kept, stats = tokenize_records(part.records, tokenizer, data_args, locations=part.locations,
-                                       source=part.source, **tokenize_options)
+        kept, stats = _tokenize_file(part, tokenizer, data_args, label, tokenize_options)
         pairs += kept
         files.append((part.source, part.format, stats))
     if len(files) > 1:
